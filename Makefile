@@ -1,0 +1,54 @@
+# skiff: `make run` starts skiff dev with the example function deployed;
+# `make test` runs every test (privileged ones too: run it as root).
+
+GO        ?= go
+BIN       := $(CURDIR)/bin
+TOOLS     := $(BIN)/tools
+DATA_DIR  ?=
+LISTEN    ?= 127.0.0.1:7070
+GOTEST    ?= $(GO) test
+TEST_TIMEOUT ?= 25m
+
+export CGO_ENABLED ?= 0
+
+.PHONY: all build run test test-short bench generate check-generate lint tools clean
+
+all: build
+
+build:
+	$(GO) build -trimpath -o $(BIN)/skiff ./cmd/skiff
+	GOOS=linux $(GO) build -trimpath -tags lambda.norpc -ldflags '-s -w' -o $(BIN)/hello/bootstrap ./examples/hello
+
+run: build
+	$(BIN)/skiff dev --listen $(LISTEN) $(if $(DATA_DIR),--data-dir $(DATA_DIR)) --deploy hello=$(BIN)/hello
+
+# Everything, including privileged tests (namespaces, cgroups, seccomp):
+# SKIFF_PRIVILEGED_TESTS=1 makes them fail rather than skip when not root.
+test:
+	SKIFF_PRIVILEGED_TESTS=1 CGO_ENABLED=1 $(GOTEST) -race -count=1 -timeout $(TEST_TIMEOUT) ./...
+
+test-short:
+	$(GOTEST) -short -count=1 ./...
+
+bench: build
+	GOBIN=$(TOOLS) $(GO) install github.com/aws/aws-lambda-runtime-interface-emulator/cmd/aws-lambda-rie@v0.0.0-20261030222936-bef5c4ba774d
+	$(GO) run ./bench -out docs/benchmarks.md
+
+tools:
+	cd tools && $(GO) build -o $(TOOLS)/ github.com/bufbuild/buf/cmd/buf google.golang.org/protobuf/cmd/protoc-gen-go connectrpc.com/connect/cmd/protoc-gen-connect-go honnef.co/go/tools/cmd/staticcheck
+
+generate: tools
+	cd api && rm -rf gen && PATH=$(TOOLS):$$PATH buf generate
+
+# Fails when the committed generated code is not what `make generate` makes.
+check-generate: generate
+	@git diff --exit-code --stat -- api/gen || { echo "generated code is stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- api/gen)" || { echo "untracked generated files: run make generate and commit"; exit 1; }
+
+lint: tools
+	$(GO) vet ./...
+	$(TOOLS)/staticcheck ./...
+	cd api && PATH=$(TOOLS):$$PATH buf lint
+
+clean:
+	rm -rf $(BIN)
