@@ -91,6 +91,7 @@ func New(cfg Config) (*Agent, error) {
 	jm, err := jail.New(jail.Config{
 		RunDir:     cfg.RunDir,
 		CgroupName: cfg.CgroupName,
+		PoolSize:   jail.DefaultPoolSize,
 		Logger:     cfg.Logger,
 	})
 	if err != nil {

@@ -172,11 +172,7 @@ func (d *dev) client(protocol, key string) clients {
 	if key == "" {
 		key = d.key
 	}
-	hc := &http.Client{Transport: &http.Transport{
-		Protocols:           h2c(),
-		MaxIdleConnsPerHost: 64,
-		TLSClientConfig:     &tls.Config{},
-	}}
+	hc := httpClient()
 	opts := []connect.ClientOption{connect.WithInterceptors(bearer(key)), connect.WithSendMaxBytes(64 << 20), connect.WithReadMaxBytes(64 << 20)}
 	if protocol == "grpc" {
 		opts = append(opts, connect.WithGRPC())
@@ -187,6 +183,14 @@ func (d *dev) client(protocol, key string) clients {
 		invoke: skiffv1connect.NewInvokeServiceClient(hc, base, opts...),
 		keys:   skiffv1connect.NewKeyServiceClient(hc, base, opts...),
 	}
+}
+
+func httpClient() *http.Client {
+	return &http.Client{Transport: &http.Transport{
+		Protocols:           h2c(),
+		MaxIdleConnsPerHost: 64,
+		TLSClientConfig:     &tls.Config{},
+	}}
 }
 
 func h2c() *http.Protocols {

@@ -30,8 +30,20 @@ import (
 
 // Resources are the limits of one sandbox's cgroup.
 type Resources struct {
-	MemoryMB int // memory limit in MiB; also scales the CPU weight
-	PidsMax  int // maximum number of tasks; 0 means no limit
+	MemoryMB int // memory limit in MiB (0: no limit); also scales the CPU weight
+	PidsMax  int // maximum number of tasks; 0 leaves the limit unchanged
+	// CPUWeightMB, when set, scales the CPU weight instead of MemoryMB: a
+	// group without a memory limit (a pre-started jail init waiting for its
+	// sandbox) still gets a small, explicit weight.
+	CPUWeightMB int
+}
+
+// cpuMB is the memory size the CPU weight is scaled from.
+func (r Resources) cpuMB() int {
+	if r.CPUWeightMB > 0 {
+		return r.CPUWeightMB
+	}
+	return r.MemoryMB
 }
 
 // Manager creates per-sandbox cgroups under the parent cgroup.
@@ -54,6 +66,10 @@ type Group interface {
 	CloneFD() (int, error)
 	// Add moves the process pid into the cgroup.
 	Add(pid int) error
+	// Update applies r to the existing cgroup (a pre-started init's group
+	// getting its sandbox's limits). A zero MemoryMB or PidsMax leaves that
+	// limit unchanged.
+	Update(r Resources) error
 	// PeakMemory is the highest memory usage seen, in bytes.
 	PeakMemory() (int64, error)
 	// OOMKills counts the processes the OOM killer killed in the cgroup.

@@ -154,6 +154,33 @@ func TestV2Files(t *testing.T) {
 	if _, err := os.Stat(dir); !os.IsNotExist(err) {
 		t.Errorf("cgroup dir after Remove: %v", err)
 	}
+	// A group made without limits (a pre-started init's) gets them later.
+	pg, err := m.Create("pool_1", Resources{CPUWeightMB: 1769})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pdir := filepath.Join(parent, "pool_1")
+	if got := read(t, filepath.Join(pdir, "cpu.weight")); got != "100" {
+		t.Errorf("pool cpu.weight: got %q, want 100", got)
+	}
+	for _, file := range []string{"memory.max", "pids.max"} {
+		if _, err := os.Stat(filepath.Join(pdir, file)); !os.IsNotExist(err) {
+			t.Errorf("pool group has %s (stat %v), want no limit written", file, err)
+		}
+	}
+	if err := pg.Update(Resources{MemoryMB: 128, PidsMax: 5}); err != nil {
+		t.Fatal(err)
+	}
+	for file, want := range map[string]string{
+		"memory.max": strconv.Itoa(128 << 20), "memory.swap.max": "0", "cpu.weight": "7", "pids.max": "5",
+	} {
+		if got := read(t, filepath.Join(pdir, file)); got != want {
+			t.Errorf("updated %s: got %q, want %q", file, got, want)
+		}
+	}
+	if err := pg.Remove(); err != nil {
+		t.Fatal(err)
+	}
 	// Reclaim removes leftovers, nested ones too.
 	os.MkdirAll(filepath.Join(parent, "old-1", "inner"), 0o755)
 	os.MkdirAll(filepath.Join(parent, "old-2"), 0o755)
@@ -191,26 +218,23 @@ func TestHostCgroups(t *testing.T) {
 			os.Remove(m.parent)
 		}
 	})
+	// Limits set at creation and limits set later on a group made without
+	// them (a pre-started init's) end up the same.
+	pg, err := m.Create("pool_1", Resources{CPUWeightMB: 128})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := pg.Update(Resources{MemoryMB: 64, PidsMax: 16}); err != nil {
+		t.Fatal(err)
+	}
 	g, err := m.Create("sb", Resources{MemoryMB: 64, PidsMax: 16})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v1, ok := m.(*V1); ok {
-		gg := g.(*v1Group)
-		for file, want := range map[string]string{
-			filepath.Join(gg.dirs["memory"], "memory.limit_in_bytes"): strconv.Itoa(64 << 20),
-			filepath.Join(gg.dirs["cpu"], "cpu.shares"):               strconv.FormatUint(CPUShares(64), 10),
-			filepath.Join(gg.dirs["pids"], "pids.max"):                "16",
-		} {
-			if got := strings.TrimSpace(read(t, file)); got != want {
-				t.Errorf("%s: got %q, want %q", file, got, want)
-			}
-		}
-		if v1.memsw {
-			if got := strings.TrimSpace(read(t, filepath.Join(gg.dirs["memory"], "memory.memsw.limit_in_bytes"))); got != strconv.Itoa(64<<20) {
-				t.Errorf("memsw limit: got %q", got)
-			}
-		}
+	checkV1Limits(t, m, pg)
+	checkV1Limits(t, m, g)
+	if err := pg.Remove(); err != nil {
+		t.Fatal(err)
 	}
 	cmd := exec.Command("sleep", "600")
 	if err := cmd.Start(); err != nil {
@@ -242,5 +266,30 @@ func TestHostCgroups(t *testing.T) {
 	}
 	if err := g.Remove(); err != nil {
 		t.Errorf("second Remove: %v", err)
+	}
+}
+
+// checkV1Limits checks the files of a group that should hold a 64 MiB
+// memory limit and a pids limit of 16 (on a v1 host).
+func checkV1Limits(t *testing.T, m Manager, g Group) {
+	t.Helper()
+	v1, ok := m.(*V1)
+	if !ok {
+		return
+	}
+	gg := g.(*v1Group)
+	for file, want := range map[string]string{
+		filepath.Join(gg.dirs["memory"], "memory.limit_in_bytes"): strconv.Itoa(64 << 20),
+		filepath.Join(gg.dirs["cpu"], "cpu.shares"):               strconv.FormatUint(CPUShares(64), 10),
+		filepath.Join(gg.dirs["pids"], "pids.max"):                "16",
+	} {
+		if got := strings.TrimSpace(read(t, file)); got != want {
+			t.Errorf("%s: got %q, want %q", file, got, want)
+		}
+	}
+	if v1.memsw {
+		if got := strings.TrimSpace(read(t, filepath.Join(gg.dirs["memory"], "memory.memsw.limit_in_bytes"))); got != strconv.Itoa(64<<20) {
+			t.Errorf("memsw limit: got %q", got)
+		}
 	}
 }

@@ -74,18 +74,31 @@ func (g *v1Group) apply(r Resources) error {
 	mem := g.dirs["memory"]
 	if r.MemoryMB > 0 {
 		limit := strconv.FormatInt(int64(r.MemoryMB)<<20, 10)
-		if err := writeFile(mem, "memory.limit_in_bytes", limit); err != nil {
-			return err
-		}
 		if g.m.memsw {
+			// memsw must stay >= the memory limit: lower the memory limit
+			// first, or raise memsw first when the memory limit grows.
+			err := writeFile(mem, "memory.limit_in_bytes", limit)
+			if err != nil && !errors.Is(err, unix.EINVAL) {
+				return err
+			}
 			if err := writeFile(mem, "memory.memsw.limit_in_bytes", limit); err != nil {
 				return err
 			}
-		} else if err := writeFile(mem, "memory.swappiness", "0"); err != nil {
-			return err
+			if err != nil {
+				if err := writeFile(mem, "memory.limit_in_bytes", limit); err != nil {
+					return err
+				}
+			}
+		} else {
+			if err := writeFile(mem, "memory.limit_in_bytes", limit); err != nil {
+				return err
+			}
+			if err := writeFile(mem, "memory.swappiness", "0"); err != nil {
+				return err
+			}
 		}
 	}
-	if err := writeFile(g.dirs["cpu"], "cpu.shares", strconv.FormatUint(CPUShares(r.MemoryMB), 10)); err != nil {
+	if err := writeFile(g.dirs["cpu"], "cpu.shares", strconv.FormatUint(CPUShares(r.cpuMB()), 10)); err != nil {
 		return err
 	}
 	if r.PidsMax > 0 {
@@ -132,6 +145,8 @@ func (g *v1Group) Add(pid int) error {
 	}
 	return nil
 }
+
+func (g *v1Group) Update(r Resources) error { return g.apply(r) }
 
 func (g *v1Group) PeakMemory() (int64, error) {
 	return readInt(filepath.Join(g.dirs["memory"], "memory.max_usage_in_bytes"))

@@ -79,7 +79,7 @@ func (g *v2Group) apply(r Resources) error {
 			return err
 		}
 	}
-	if err := writeFile(g.dir, "cpu.weight", strconv.FormatUint(CPUWeight(r.MemoryMB), 10)); err != nil {
+	if err := writeFile(g.dir, "cpu.weight", strconv.FormatUint(CPUWeight(r.cpuMB()), 10)); err != nil {
 		return err
 	}
 	if r.PidsMax > 0 {
@@ -127,6 +127,8 @@ func (g *v2Group) CloneFD() (int, error) {
 func (g *v2Group) Add(pid int) error {
 	return writeFile(g.dir, "cgroup.procs", strconv.Itoa(pid))
 }
+
+func (g *v2Group) Update(r Resources) error { return g.apply(r) }
 
 func (g *v2Group) PeakMemory() (int64, error) {
 	return readInt(filepath.Join(g.dir, "memory.peak"))

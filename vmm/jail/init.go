@@ -2,8 +2,8 @@ package jail
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -15,12 +15,44 @@ import (
 // initArg0 marks the re-exec'd agent binary as a jail init.
 const initArg0 = "skiff-jail-init"
 
-// File descriptors the init inherits.
+// fdCtl is the init's end of its control socket (SOCK_SEQPACKET), its only
+// inherited descriptor besides /dev/null on 0-2. The conversation:
+//
+//	agent → init  initSetup (once the init is in its cgroup)
+//	init → agent  msgReady  (root built and pivoted into)
+//	agent → init  initSpec, with SCM_RIGHTS [code mount, stdout, stderr]
+//	init → agent  nothing: exec closes the socket (close-on-exec)
+//
+// Any failure is sent as one message "jail init: <step>: <error>" before
+// the init exits. An init that reads end-of-file instead of a spec (the
+// agent released it unused) exits quietly.
+const fdCtl = 3
+
 const (
-	fdSpec   = 3 // read end of the spec pipe
-	fdStatus = 4 // write end of the status pipe (close-on-exec once read)
-	fdCode   = 5 // detached read-only mount of the code directory
+	msgReady = "ready"
+	// maxMsg bounds one control message; the agent refuses larger specs.
+	maxMsg = 256 << 10
+	// specFDs are the descriptors sent with initSpec.
+	specFDs = 3
 )
+
+// initSetup is what a jail init needs before it knows its sandbox.
+type initSetup struct {
+	Root     string
+	Host     hostLayout
+	Hostname string
+	UID      int
+	Seccomp  []unix.SockFilter
+}
+
+// initSpec is the sandbox a (pre-started) init is handed.
+type initSpec struct {
+	Argv, Env   []string
+	EphemeralMB int
+}
+
+// errReleased reports an init released unused by the agent.
+var errReleased = errors.New("released")
 
 // IsInit reports whether this process is a jail init. The agent's main and
 // test binaries' TestMain call it first:
@@ -30,31 +62,63 @@ func IsInit() bool { return len(os.Args) > 0 && os.Args[0] == initArg0 }
 
 // InitMain runs the jail init: it sets up the sandbox and execs the
 // function's process. It never returns; a failure is reported to the agent
-// over the status pipe and the init exits.
+// over the control socket and the init exits.
 func InitMain() {
 	runtime.LockOSThread() // credentials, capabilities and seccomp are per thread: exec from this one
 	step, err := initMain()
+	if errors.Is(err, errReleased) {
+		os.Exit(0)
+	}
 	msg := fmt.Sprintf("jail init: %s: %v", step, err)
-	_, _ = unix.Write(fdStatus, []byte(msg))
+	_, _ = unix.Write(fdCtl, []byte(msg))
 	fmt.Fprintln(os.Stderr, msg)
 	os.Exit(126)
 }
 
 func initMain() (string, error) {
-	spec, err := readSpec()
+	if _, err := unix.FcntlInt(fdCtl, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
+		return "control fd", err
+	}
+	// Everything that does not depend on the sandbox happens first: a
+	// pre-started init does it while it waits in the agent's pool.
+	var setup initSetup
+	if _, err := recvMsg(&setup, 0); err != nil {
+		return "reading setup", err
+	}
+	if step, err := buildRoot(&setup); err != nil {
+		return step, err
+	}
+	if err := unix.Sethostname([]byte(setup.Hostname)); err != nil {
+		return "sethostname", err
+	}
+	if _, err := unix.Write(fdCtl, []byte(msgReady)); err != nil {
+		return "reporting ready", err
+	}
+
+	var spec initSpec
+	fds, err := recvMsg(&spec, specFDs)
 	if err != nil {
 		return "reading spec", err
 	}
-	if _, err := unix.FcntlInt(fdStatus, unix.F_SETFD, unix.FD_CLOEXEC); err != nil {
-		return "status fd", err
+	if len(spec.Argv) == 0 {
+		return "reading spec", fmt.Errorf("empty argv")
 	}
-	if step, err := buildRoot(spec); err != nil {
+	if step, err := finishRoot(&spec, fds[0]); err != nil {
 		return step, err
 	}
-	if err := unix.Sethostname([]byte(spec.Hostname)); err != nil {
-		return "sethostname", err
+	// The sandbox's stdout and stderr; from here on the init's own error
+	// messages land there too.
+	for i, fd := range fds[1:] {
+		if err := unix.Dup2(fd, 1+i); err != nil {
+			return "installing stdout/stderr", err
+		}
 	}
-	if step, err := dropPrivileges(spec.UID, spec.Seccomp); err != nil {
+	for _, fd := range fds[1:] {
+		if fd > 2 {
+			unix.Close(fd)
+		}
+	}
+	if step, err := dropPrivileges(setup.UID, setup.Seccomp); err != nil {
 		return step, err
 	}
 	if err := unix.Chdir("/var/task"); err != nil {
@@ -65,35 +129,72 @@ func initMain() (string, error) {
 	return "exec " + argv0, err
 }
 
-func readSpec() (*initSpec, error) {
-	f := os.NewFile(fdSpec, "spec")
-	defer f.Close()
-	b, err := io.ReadAll(f)
+// recvMsg reads one JSON control message into v with exactly nfds
+// descriptors attached (received close-on-exec). End of file is
+// errReleased.
+func recvMsg(v any, nfds int) ([]int, error) {
+	buf := make([]byte, maxMsg)
+	oob := make([]byte, unix.CmsgSpace(4*max(nfds, 1)))
+	var n, oobn, flags int
+	var err error
+	for {
+		n, oobn, flags, _, err = unix.Recvmsg(fdCtl, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if err != unix.EINTR {
+			break
+		}
+	}
 	if err != nil {
 		return nil, err
 	}
-	var spec initSpec
-	if err := json.Unmarshal(b, &spec); err != nil {
+	var fds []int
+	if oobn > 0 {
+		cmsgs, err := unix.ParseSocketControlMessage(oob[:oobn])
+		if err != nil {
+			return nil, fmt.Errorf("parsing control message: %w", err)
+		}
+		for _, c := range cmsgs {
+			got, err := unix.ParseUnixRights(&c)
+			if err != nil {
+				return nil, fmt.Errorf("parsing descriptors: %w", err)
+			}
+			fds = append(fds, got...)
+		}
+	}
+	closeAll := func() {
+		for _, fd := range fds {
+			unix.Close(fd)
+		}
+	}
+	switch {
+	case n == 0 && oobn == 0:
+		return nil, errReleased
+	case flags&(unix.MSG_TRUNC|unix.MSG_CTRUNC) != 0:
+		closeAll()
+		return nil, fmt.Errorf("message truncated")
+	case len(fds) != nfds:
+		closeAll()
+		return nil, fmt.Errorf("got %d descriptors, want %d", len(fds), nfds)
+	}
+	if err := json.Unmarshal(buf[:n], v); err != nil {
+		closeAll()
 		return nil, err
 	}
-	if len(spec.Argv) == 0 {
-		return nil, fmt.Errorf("empty argv")
-	}
-	return &spec, nil
+	return fds, nil
 }
 
-// buildRoot makes the sandbox's root file system on a tmpfs and pivots
-// into it.
-func buildRoot(spec *initSpec) (string, error) {
+// buildRoot makes the sandbox's root file system on a tmpfs, pivots into
+// it and makes it read-only. Only /var/task and /tmp are left for
+// finishRoot: their mount points exist.
+func buildRoot(setup *initSetup) (string, error) {
 	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
 		return "making mounts private", err
 	}
-	root := spec.Root
+	root := setup.Root
 	if err := unix.Mount("tmpfs", root, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, "size=1m,nr_inodes=4096,mode=0755"); err != nil {
 		return "mounting root tmpfs", err
 	}
 	at := func(p string) string { return filepath.Join(root, p) }
-	for _, b := range spec.Host.Binds {
+	for _, b := range setup.Host.Binds {
 		if err := os.MkdirAll(at(b.Path), 0o755); err != nil {
 			return "mkdir " + b.Path, err
 		}
@@ -101,7 +202,7 @@ func buildRoot(spec *initSpec) (string, error) {
 			return "bind " + b.Path, err
 		}
 	}
-	for p, target := range spec.Host.Symlinks {
+	for p, target := range setup.Host.Symlinks {
 		if err := os.MkdirAll(filepath.Dir(at(p)), 0o755); err != nil {
 			return "mkdir " + filepath.Dir(p), err
 		}
@@ -109,23 +210,13 @@ func buildRoot(spec *initSpec) (string, error) {
 			return "symlink " + p, err
 		}
 	}
-	// Code, read-only at /var/task (the agent made the detached mount
-	// read-only, nosuid and nodev).
 	if err := os.MkdirAll(at("var/task"), 0o755); err != nil {
 		return "mkdir /var/task", err
 	}
-	if err := unix.MoveMount(fdCode, "", unix.AT_FDCWD, at("var/task"), unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
-		return "attaching /var/task", err
-	}
-	unix.Close(fdCode)
 	for _, d := range []string{"tmp", "dev", "proc", "etc", "opt"} {
 		if err := unix.Mkdir(at(d), 0o755); err != nil && err != unix.EEXIST {
 			return "mkdir /" + d, err
 		}
-	}
-	if err := unix.Mount("tmpfs", at("tmp"), "tmpfs", unix.MS_NOSUID|unix.MS_NODEV,
-		fmt.Sprintf("size=%dm,mode=1777", spec.EphemeralMB)); err != nil {
-		return "mounting /tmp", err
 	}
 	if step, err := buildDev(at("dev")); err != nil {
 		return step, err
@@ -133,7 +224,7 @@ func buildRoot(spec *initSpec) (string, error) {
 	if err := unix.Mount("proc", at("proc"), "proc", unix.MS_NOSUID|unix.MS_NODEV|unix.MS_NOEXEC, ""); err != nil {
 		return "mounting /proc", err
 	}
-	if err := writeEtc(at("etc"), spec); err != nil {
+	if err := writeEtc(at("etc"), setup); err != nil {
 		return "writing /etc", err
 	}
 
@@ -156,6 +247,21 @@ func buildRoot(spec *initSpec) (string, error) {
 	// of capabilities (and the kernel attack surface behind them).
 	if err := os.WriteFile("/proc/sys/user/max_user_namespaces", []byte("0"), 0); err != nil {
 		return "limiting user namespaces", err
+	}
+	return "", nil
+}
+
+// finishRoot mounts what depends on the sandbox: its code, read-only at
+// /var/task (the agent made the detached mount code read-only, nosuid and
+// nodev), and /tmp sized by its ephemeral storage.
+func finishRoot(spec *initSpec, code int) (string, error) {
+	if err := unix.MoveMount(code, "", unix.AT_FDCWD, "/var/task", unix.MOVE_MOUNT_F_EMPTY_PATH); err != nil {
+		return "attaching /var/task", err
+	}
+	unix.Close(code)
+	if err := unix.Mount("tmpfs", "/tmp", "tmpfs", unix.MS_NOSUID|unix.MS_NODEV,
+		fmt.Sprintf("size=%dm,mode=1777", spec.EphemeralMB)); err != nil {
+		return "mounting /tmp", err
 	}
 	return "", nil
 }
@@ -204,7 +310,7 @@ func buildDev(dev string) (string, error) {
 	return "", nil
 }
 
-func writeEtc(etc string, spec *initSpec) error {
+func writeEtc(etc string, spec *initSetup) error {
 	u := spec.UID
 	files := map[string]string{
 		"passwd":        fmt.Sprintf("root:x:0:0:root:/root:/sbin/nologin\nsbx_user1051:x:%d:%d::/tmp:/sbin/nologin\nnobody:x:65534:65534:nobody:/:/sbin/nologin\n", u, u),
@@ -222,9 +328,16 @@ func writeEtc(etc string, spec *initSpec) error {
 	return nil
 }
 
-// dropPrivileges leaves the init with uid/gid u, no capabilities (bounding
-// and ambient sets cleared), no_new_privs and the seccomp filter, and
-// re-arms the parent-death signal that the credential change cleared.
+// dropPrivileges leaves the init's thread with uid/gid u, no capabilities
+// (bounding and ambient sets cleared), no_new_privs and the seccomp filter,
+// and re-arms the parent-death signal that the credential change cleared.
+//
+// It changes only the calling thread, the one InitMain locked and that
+// execs the function: execve ends the Go runtime's other threads before
+// the new program runs, and the program inherits this thread's
+// credentials, capability sets, no_new_privs and seccomp filter. (Changing
+// every thread, as syscall.Setresuid does, stops the world and signals
+// each thread: a millisecond or more on a busy host.)
 func dropPrivileges(u int, filter []unix.SockFilter) (string, error) {
 	for c := 0; ; c++ {
 		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
@@ -237,22 +350,22 @@ func dropPrivileges(u int, filter []unix.SockFilter) (string, error) {
 	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
 		return "clearing ambient capabilities", err
 	}
-	if err := syscall.Setgroups(nil); err != nil {
-		return "setgroups", err
+	if _, _, e := unix.RawSyscall(unix.SYS_SETGROUPS, 0, 0, 0); e != 0 {
+		return "setgroups", e
 	}
-	if err := syscall.Setresgid(u, u, u); err != nil {
-		return "setresgid", err
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESGID, uintptr(u), uintptr(u), uintptr(u)); e != 0 {
+		return "setresgid", e
 	}
-	if err := syscall.Setresuid(u, u, u); err != nil {
-		return "setresuid", err
+	if _, _, e := unix.RawSyscall(unix.SYS_SETRESUID, uintptr(u), uintptr(u), uintptr(u)); e != 0 {
+		return "setresuid", e
 	}
 	if err := unix.Prctl(unix.PR_SET_PDEATHSIG, uintptr(unix.SIGKILL), 0, 0, 0); err != nil {
 		return "pdeathsig", err
 	}
 	// The agent may have died before the signal was re-armed: its end of
-	// the status pipe is then closed.
-	pfd := []unix.PollFd{{Fd: fdStatus, Events: unix.POLLOUT}}
-	if _, err := unix.Poll(pfd, 0); err == nil && pfd[0].Revents&unix.POLLERR != 0 {
+	// the control socket is then closed.
+	pfd := []unix.PollFd{{Fd: fdCtl, Events: unix.POLLIN}}
+	if _, err := unix.Poll(pfd, 0); err == nil && pfd[0].Revents&(unix.POLLHUP|unix.POLLERR) != 0 {
 		os.Exit(137)
 	}
 	if err := loadSeccomp(filter); err != nil {

@@ -10,14 +10,30 @@
 // pivots into it, drops to uid 993 with no capabilities, no_new_privs and a
 // seccomp filter, and execs the function's bootstrap.
 //
-// Every resource a sandbox takes is released by Sandbox.Close, and
-// Manager.Reclaim removes what a crashed agent left behind.
+// To keep that re-exec (several milliseconds for a big binary) off the
+// cold-start path, the Manager keeps a pool of pre-started inits
+// (Config.PoolSize): forked into their namespaces with their listener,
+// cgroup (named init_<agent pid>_<n>, without limits yet and at the lowest
+// CPU weight) and root already made, each waiting on its control socket.
+// Start takes one, applies the spec's cgroup limits from the agent and
+// sends it the spec with the code directory as a detached mount and the
+// stdout/stderr descriptors (SCM_RIGHTS); the init mounts /var/task and
+// /tmp, drops its privileges and execs. Without an idle init, Start forks
+// one itself (its cgroup named by the sandbox ID, limits set at creation)
+// and takes it through the same steps. The pool refills in the background,
+// one init at a time, after each Start.
+//
+// Every resource a sandbox takes is released by Sandbox.Close; Manager.Close
+// and Manager.Reclaim release the pool's idle inits too, and Reclaim
+// removes what a crashed agent left behind (pre-started inits die with the
+// agent, like sandboxes, and their cgroups live under the same parent).
 package jail
 
 import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -36,10 +52,26 @@ type Config struct {
 	UIDBase    uint32      // first host uid/gid used for sandbox users (default 200000); each sandbox gets its own pair
 	NetPool    *netns.Pool // may be nil: the jail creates one
 	Logger     *slog.Logger
+
+	// PoolSize is how many jail inits are kept pre-started (forked into
+	// their namespaces and cgroup, root built, waiting for a spec), so
+	// Start only hands one its sandbox. 0 (or less) disables the pool:
+	// every Start forks its own init. DefaultPoolSize is the recommended
+	// size.
+	PoolSize int
+	// PoolListenAddr is the address of the listener each pre-started init
+	// holds in its network namespace (default "127.0.0.1:9001", the Runtime
+	// API's). A Spec with another ListenAddr gets its listener at Start.
+	PoolListenAddr string
 }
 
+// DefaultPoolSize is the recommended Config.PoolSize: enough pre-started
+// inits for a burst of cold starts while one is being refilled.
+const DefaultPoolSize = 4
+
 const (
-	defaultUIDBase = 200000
+	defaultUIDBase        = 200000
+	defaultPoolListenAddr = "127.0.0.1:9001"
 	// SandboxUID is the uid and gid the function runs as inside the jail.
 	SandboxUID = 993
 	// Hostname is the jail's host name.
@@ -52,8 +84,9 @@ type Manager struct {
 	cfg     Config
 	log     *slog.Logger
 	thread  *netns.Thread
-	pool    *netns.Pool
+	netPool *netns.Pool
 	ownPool bool
+	inits   *initPool
 	cg      cgroup.Manager
 	host    hostLayout
 	devnull *os.File
@@ -61,9 +94,10 @@ type Manager struct {
 	seccomp []unix.SockFilter
 
 	mu     sync.Mutex
-	live   map[string]*Sandbox // guarded by mu
+	live   map[string]*Sandbox // started sandboxes (nil while starting); guarded by mu
 	slots  []bool              // uid slots in use; guarded by mu
 	closed bool                // guarded by mu
+	starts sync.WaitGroup      // Starts in flight; Add guarded by mu
 }
 
 // New prepares the run directory, detects the cgroup version and starts the
@@ -80,6 +114,12 @@ func New(cfg Config) (*Manager, error) {
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.PoolListenAddr == "" {
+		cfg.PoolListenAddr = defaultPoolListenAddr
+	}
+	if _, err := netip.ParseAddrPort(cfg.PoolListenAddr); err != nil {
+		return nil, fmt.Errorf("jail: PoolListenAddr: %w", err)
 	}
 	runDir, err := filepath.Abs(cfg.RunDir)
 	if err != nil {
@@ -123,14 +163,28 @@ func New(cfg Config) (*Manager, error) {
 		return fail(fmt.Errorf("jail: starting fork thread: %w", err))
 	}
 	cleanup = append(cleanup, m.thread.Close)
-	m.pool = cfg.NetPool
-	if m.pool == nil {
-		if m.pool, err = netns.NewPool(netns.PoolConfig{Logger: cfg.Logger}); err != nil {
+	m.netPool = cfg.NetPool
+	if m.netPool == nil {
+		if m.netPool, err = netns.NewPool(netns.PoolConfig{Logger: cfg.Logger}); err != nil {
 			return fail(fmt.Errorf("jail: %w", err))
 		}
 		m.ownPool = true
 	}
+	m.inits = newInitPool(m, max(cfg.PoolSize, 0), cfg.PoolListenAddr)
+	m.inits.start()
 	return m, nil
+}
+
+// Stats says how sandboxes were started.
+type Stats struct {
+	PoolIdle   int    // pre-started inits ready now
+	PoolHits   uint64 // Starts (failed ones too) that handed their sandbox to a pre-started init
+	PoolMisses uint64 // Starts that forked their own init (pool empty or disabled)
+}
+
+// Stats reports the pool's state and counters.
+func (m *Manager) Stats() Stats {
+	return Stats{PoolIdle: m.inits.idleCount(), PoolHits: m.inits.hits.Load(), PoolMisses: m.inits.misses.Load()}
 }
 
 // CgroupVersion is 1 or 2, as detected.
@@ -162,9 +216,22 @@ func ensureEmptyDir(dir string) error {
 
 // Reclaim removes what a crashed previous run left: every cgroup under
 // CgroupName (after killing its processes), mounts under RunDir and RunDir
-// leftovers. Call it before starting sandboxes.
+// leftovers. Call it before starting sandboxes. The pool of pre-started
+// inits is emptied first and refilled afterwards.
 func (m *Manager) Reclaim() error {
 	var errsOut []error
+	if err := m.inits.halt(); err != nil {
+		errsOut = append(errsOut, fmt.Errorf("releasing pre-started inits: %w", err))
+	}
+	defer func() {
+		// Under mu: a concurrent Close either sees the pool running and
+		// halts it, or has already marked the manager closed.
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		if !m.closed {
+			m.inits.start()
+		}
+	}()
 	n, err := m.cg.Reclaim()
 	if err != nil {
 		errsOut = append(errsOut, fmt.Errorf("reclaiming cgroups: %w", err))
@@ -242,9 +309,19 @@ func (m *Manager) Close() error {
 		return nil
 	}
 	m.closed = true
+	m.mu.Unlock()
+
+	var errsOut []error
+	if err := m.inits.halt(); err != nil {
+		errsOut = append(errsOut, err)
+	}
+	m.starts.Wait()
+	m.mu.Lock()
 	live := make([]*Sandbox, 0, len(m.live))
 	for _, s := range m.live {
-		live = append(live, s)
+		if s != nil {
+			live = append(live, s)
+		}
 	}
 	m.mu.Unlock()
 
@@ -255,48 +332,56 @@ func (m *Manager) Close() error {
 	}
 	wg.Wait()
 	close(errCh)
-	var errsOut []error
 	for err := range errCh {
 		errsOut = append(errsOut, err)
 	}
 	m.thread.Close()
 	if m.ownPool {
-		errsOut = append(errsOut, m.pool.Close())
+		errsOut = append(errsOut, m.netPool.Close())
 	}
 	errsOut = append(errsOut, m.devnull.Close())
 	return errors.Join(errsOut...)
 }
 
-// acquire registers a sandbox ID and returns its uid slot.
-func (m *Manager) acquire(id string, s *Sandbox) (int, error) {
+// register reserves a sandbox ID for a Start, which calls m.starts.Done
+// when it returns.
+func (m *Manager) register(id string) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if m.closed {
-		return 0, errors.New("jail: manager is closed")
+		return errors.New("jail: manager is closed")
 	}
 	if _, ok := m.live[id]; ok {
-		return 0, fmt.Errorf("jail: sandbox %s already exists", id)
+		return fmt.Errorf("jail: sandbox %s already exists", id)
 	}
-	slot := -1
-	for i, used := range m.slots {
-		if !used {
-			slot = i
-			break
-		}
-	}
-	if slot < 0 {
-		slot = len(m.slots)
-		m.slots = append(m.slots, false)
-	}
-	m.slots[slot] = true
-	m.live[id] = s
-	return slot, nil
+	m.live[id] = nil
+	m.starts.Add(1)
+	return nil
 }
 
-func (m *Manager) release(id string, slot int) {
+func (m *Manager) unregister(id string) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.live, id)
+}
+
+// acquireSlot returns a free uid slot.
+func (m *Manager) acquireSlot() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for i, used := range m.slots {
+		if !used {
+			m.slots[i] = true
+			return i
+		}
+	}
+	m.slots = append(m.slots, true)
+	return len(m.slots) - 1
+}
+
+func (m *Manager) releaseSlot(slot int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.slots[slot] = false
 }
 

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -19,6 +20,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
+	"skiff.dev/skiff/internal/cgroup"
 	"skiff.dev/skiff/internal/testutil"
 	"skiff.dev/skiff/vmm/jail"
 )
@@ -34,9 +38,15 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// newManager starts a Manager with its own cgroup parent and run dir,
-// closed and reclaimed at the end of the test.
+// newManager starts a Manager with the default pool of pre-started inits,
+// its own cgroup parent and run dir, closed and reclaimed at the end of the
+// test. It returns once the pool is full.
 func newManager(t testing.TB) (*jail.Manager, jail.Config) {
+	return newManagerPool(t, jail.DefaultPoolSize)
+}
+
+// newManagerPool is newManager with PoolSize poolSize (0: no pool).
+func newManagerPool(t testing.TB, poolSize int) (*jail.Manager, jail.Config) {
 	t.Helper()
 	testutil.RequirePrivileged(t)
 	runDir, err := os.MkdirTemp("", "skiff-jail-test-")
@@ -46,6 +56,7 @@ func newManager(t testing.TB) (*jail.Manager, jail.Config) {
 	cfg := jail.Config{
 		RunDir:     runDir,
 		CgroupName: fmt.Sprintf("skiff-jailtest-%d-%d", os.Getpid(), time.Now().UnixNano()%1e6),
+		PoolSize:   poolSize,
 	}
 	m, err := jail.New(cfg)
 	if err != nil {
@@ -61,7 +72,54 @@ func newManager(t testing.TB) (*jail.Manager, jail.Config) {
 		removeCgroupParents(t, cfg.CgroupName)
 		os.RemoveAll(runDir)
 	})
+	waitPool(t, m, poolSize)
 	return m, cfg
+}
+
+// waitPool waits until the manager's pool holds poolSize idle inits.
+func waitPool(t testing.TB, m *jail.Manager, poolSize int) {
+	t.Helper()
+	if poolSize <= 0 {
+		return
+	}
+	waitFor(t, fmt.Sprintf("%d pre-started inits", poolSize), func() bool { return m.Stats().PoolIdle >= poolSize })
+}
+
+// waitFor polls cond until it holds, failing the test after 30 s.
+func waitFor(t testing.TB, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting for %s", what)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// poolModes are the two ways a sandbox starts: handed to a pre-started
+// init, or with its own freshly forked init.
+var poolModes = []struct {
+	name string
+	size int
+}{{"pool", 2}, {"direct", 0}}
+
+// forPoolModes runs f once with a pool of pre-started inits (and checks
+// that f's Starts used it) and once without.
+func forPoolModes(t *testing.T, f func(t *testing.T, m *jail.Manager, cfg jail.Config)) {
+	for _, mode := range poolModes {
+		t.Run(mode.name, func(t *testing.T) {
+			m, cfg := newManagerPool(t, mode.size)
+			f(t, m, cfg)
+			st := m.Stats()
+			if mode.size > 0 && st.PoolHits == 0 {
+				t.Errorf("no Start used a pre-started init: %+v", st)
+			}
+			if mode.size == 0 && (st.PoolHits != 0 || st.PoolIdle != 0) {
+				t.Errorf("pool disabled, but stats %+v", st)
+			}
+		})
+	}
 }
 
 // removeCgroupParents removes the test's (empty) parent cgroups.
@@ -186,7 +244,10 @@ func parseKV(out string) map[string]string {
 }
 
 func TestShellSandboxIsolation(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testShellSandboxIsolation)
+}
+
+func testShellSandboxIsolation(t *testing.T, m *jail.Manager, _ jail.Config) {
 	script := `
 echo uid=$(id -u)
 echo gid=$(id -g)
@@ -256,7 +317,17 @@ func serveLines(ln net.Listener, reply string) (lines chan string) {
 }
 
 func TestProbeSyscallsAndListener(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testProbeSyscallsAndListener)
+}
+
+func testProbeSyscallsAndListener(t *testing.T, m *jail.Manager, _ jail.Config) {
+	// Someone else on this host may hold 127.0.0.1:9001; then only the
+	// sandbox side is checked.
+	hostFree := false
+	if ln, err := net.Listen("tcp", "127.0.0.1:9001"); err == nil {
+		hostFree = true
+		ln.Close()
+	}
 	var out bytes.Buffer
 	r, w, err := os.Pipe()
 	if err != nil {
@@ -301,10 +372,10 @@ func TestProbeSyscallsAndListener(t *testing.T) {
 		t.Error("listener saw no connection")
 	}
 	// The host's own 127.0.0.1:9001 stays free.
-	if ln, err := net.Listen("tcp", "127.0.0.1:9001"); err != nil {
-		t.Errorf("host port 9001 taken: %v", err)
-	} else {
+	if ln, err := net.Listen("tcp", "127.0.0.1:9001"); err == nil {
 		ln.Close()
+	} else if hostFree {
+		t.Errorf("host port 9001 taken: %v", err)
 	}
 	if t.Failed() {
 		t.Logf("output:\n%s", out.String())
@@ -341,7 +412,10 @@ func runtimeAPI(t *testing.T, ln net.Listener, event string) <-chan string {
 }
 
 func TestRuntimeAPIThroughListener(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testRuntimeAPIThroughListener)
+}
+
+func testRuntimeAPIThroughListener(t *testing.T, m *jail.Manager, _ jail.Config) {
 	bin := testutil.BuildFunction(t, "testfn")
 	dir := t.TempDir()
 	os.Chmod(dir, 0o755)
@@ -378,7 +452,10 @@ func TestRuntimeAPIThroughListener(t *testing.T) {
 }
 
 func TestExitStatus(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testExitStatus)
+}
+
+func testExitStatus(t *testing.T, m *jail.Manager, _ jail.Config) {
 	tests := []struct {
 		name, script string
 		kill         bool
@@ -429,7 +506,10 @@ func TestExitStatus(t *testing.T) {
 }
 
 func TestOOMKill(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testOOMKill)
+}
+
+func testOOMKill(t *testing.T, m *jail.Manager, _ jail.Config) {
 	s, err := m.Start(jail.Spec{ID: "oom", CodeDir: probe(t), Argv: []string{"/var/task/probe", "alloc", "256"}, MemoryMB: 48})
 	if err != nil {
 		t.Fatal(err)
@@ -446,7 +526,10 @@ func TestOOMKill(t *testing.T) {
 }
 
 func TestStartErrors(t *testing.T) {
-	m, _ := newManager(t)
+	forPoolModes(t, testStartErrors)
+}
+
+func testStartErrors(t *testing.T, m *jail.Manager, _ jail.Config) {
 	tests := []struct {
 		name string
 		spec jail.Spec
@@ -531,7 +614,16 @@ func children(t testing.TB) []string {
 }
 
 func TestNoLeaks(t *testing.T) {
-	m, cfg := newManager(t)
+	for _, mode := range poolModes {
+		t.Run(mode.name, func(t *testing.T) { testNoLeaks(t, mode.size) })
+	}
+}
+
+func testNoLeaks(t *testing.T, poolSize int) {
+	fdsNew, _ := fdCounts(t)
+	kids0 := len(children(t))
+	m, cfg := newManagerPool(t, poolSize)
+	idle := max(poolSize, 0)
 	code := t.TempDir()
 	start := func(i int) *jail.Sandbox {
 		s, err := m.Start(jail.Spec{
@@ -543,8 +635,10 @@ func TestNoLeaks(t *testing.T) {
 		}
 		return s
 	}
-	// Warm up (fork thread, pool, cgroup parents) before measuring.
+	// Warm up (fork thread, pools, cgroup parents) before measuring, and
+	// measure with the pool full.
 	start(-1).Close()
+	waitPool(t, m, poolSize)
 	fds0, _ := fdCounts(t)
 	const n = 200
 	for i := range n {
@@ -560,17 +654,27 @@ func TestNoLeaks(t *testing.T) {
 			t.Fatalf("second close %d: %v", i, err)
 		}
 	}
-	if kids := children(t); len(kids) > 0 {
-		t.Errorf("leftover child processes: %v", kids)
+	waitPool(t, m, poolSize)
+	// What is left is exactly the pool: its inits, their cgroups and fds.
+	if kids := children(t); len(kids) != kids0+idle {
+		t.Errorf("child processes %v, want only the pool's %d", kids, idle)
 	}
-	for _, parent := range cgroupParents(t, cfg.CgroupName) {
-		entries, _ := os.ReadDir(parent)
-		for _, e := range entries {
-			if e.IsDir() {
-				t.Errorf("leftover cgroup %s/%s", parent, e.Name())
+	checkCgroups := func(want int) {
+		t.Helper()
+		for _, parent := range cgroupParents(t, cfg.CgroupName) {
+			entries, _ := os.ReadDir(parent)
+			var dirs []string
+			for _, e := range entries {
+				if e.IsDir() {
+					dirs = append(dirs, e.Name())
+				}
+			}
+			if len(dirs) != want {
+				t.Errorf("cgroups under %s: got %v, want %d", parent, dirs, want)
 			}
 		}
 	}
+	checkCgroups(idle)
 	mi, _ := os.ReadFile("/proc/self/mountinfo")
 	if strings.Contains(string(mi), cfg.RunDir) {
 		t.Errorf("host mount table mentions the run dir %s", cfg.RunDir)
@@ -583,13 +687,32 @@ func TestNoLeaks(t *testing.T) {
 	if fds1 > fds0+2 {
 		t.Errorf("open fds grew from %d to %d", fds0, fds1)
 	}
-	if nsfds > 9 { // the pool's 8 plus one in flight
-		t.Errorf("%d netns fds open, want at most the pool's", nsfds)
+	// The netns pool's 8 plus one in flight, and one per pre-started init.
+	if nsfds > 9+idle {
+		t.Errorf("%d netns fds open, want at most %d", nsfds, 9+idle)
+	}
+
+	// Closing the manager releases the pool too.
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if kids := children(t); len(kids) != kids0 {
+		t.Errorf("child processes after Close: %v", kids)
+	}
+	checkCgroups(0)
+	if fds2, nsfds := fdCounts(t); fds2 > fdsNew+2 || nsfds > 0 {
+		t.Errorf("fds after Close: %d (%d netns), want %d as before New", fds2, nsfds, fdsNew)
+	}
+	if st := m.Stats(); st.PoolIdle != 0 || (poolSize > 0 && st.PoolHits == 0) {
+		t.Errorf("stats after Close: %+v", st)
 	}
 }
 
 func TestReclaim(t *testing.T) {
-	m, cfg := newManager(t)
+	forPoolModes(t, testReclaim)
+}
+
+func testReclaim(t *testing.T, m *jail.Manager, cfg jail.Config) {
 	// Start one sandbox so the parent cgroups exist, then fake a crash's
 	// leftovers: a cgroup with a live process and a run dir entry.
 	s, err := m.Start(jail.Spec{ID: "live", CodeDir: t.TempDir(), Argv: []string{"/bin/true"}, MemoryMB: 64})
@@ -601,6 +724,7 @@ func TestReclaim(t *testing.T) {
 	if len(parents) < 3 {
 		t.Fatalf("found cgroup parents %v, want memory, cpu and pids", parents)
 	}
+	pooled := children(t) // the pre-started inits, if any
 	sleeper := exec.Command("sleep", "600")
 	if err := sleeper.Start(); err != nil {
 		t.Fatal(err)
@@ -641,12 +765,155 @@ func TestReclaim(t *testing.T) {
 	if _, err := os.Stat(left); !os.IsNotExist(err) {
 		t.Errorf("run dir leftover: stat %v", err)
 	}
+	// The pre-started inits were released with everything else (and the
+	// pool refills with new ones).
+	now := map[string]bool{}
+	for _, pid := range children(t) {
+		now[pid] = true
+	}
+	for _, pid := range pooled {
+		if now[pid] {
+			t.Errorf("pre-started init %s survived Reclaim", pid)
+		}
+	}
+	waitPool(t, m, cfg.PoolSize)
 	// The manager still works.
 	if s, err := m.Start(jail.Spec{ID: "after", CodeDir: t.TempDir(), Argv: []string{"/bin/true"}, MemoryMB: 64}); err != nil {
 		t.Errorf("start after reclaim: %v", err)
 	} else {
 		s.Close()
 	}
+}
+
+// TestPool checks that Start hands sandboxes to pre-started inits while
+// there are some, forks its own otherwise, refills the pool after each
+// claim, and copes with an init that died while waiting.
+func TestPool(t *testing.T) {
+	const size = 2
+	m, _ := newManagerPool(t, size)
+	code := probe(t)
+	if st := m.Stats(); st != (jail.Stats{PoolIdle: size}) {
+		t.Fatalf("stats of a fresh manager: got %+v, want %d idle", st, size)
+	}
+	run := func(id string, ln string) *jail.Sandbox {
+		t.Helper()
+		s, err := m.Start(jail.Spec{
+			ID: id, CodeDir: code, Argv: []string{"/var/task/probe", "connect", "127.0.0.1:8080"},
+			MemoryMB: 64, ListenAddr: ln,
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	// A ListenAddr other than the pool's gets its own listener, and the
+	// process reaches it.
+	s := run("other-addr", "127.0.0.1:8080")
+	lines := serveLines(s.Listener(), "ok")
+	select {
+	case l := <-lines:
+		if l != "ready" {
+			t.Errorf("listener got %q, want ready", l)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no connection on 127.0.0.1:8080")
+	}
+	waitDone(t, s)
+	if got := s.Exit(); got.Code != 0 {
+		t.Errorf("exit: got %v, want 0", got)
+	}
+	s.Close()
+	if st := m.Stats(); st.PoolHits != 1 || st.PoolMisses != 0 {
+		t.Errorf("after one start: got %+v, want 1 hit", st)
+	}
+	waitPool(t, m, size)
+
+	// More starts in a row than the pool holds: the first ones are
+	// pre-started, the rest fork their own, all work.
+	var ss []*jail.Sandbox
+	for i := range size + 2 {
+		s := run(fmt.Sprintf("burst-%d", i), "")
+		if s.Listener() != nil {
+			t.Errorf("sandbox without ListenAddr has a listener")
+		}
+		ss = append(ss, s)
+	}
+	for _, s := range ss {
+		waitDone(t, s)
+		s.Close()
+	}
+	// How many of the last two found a refilled init depends on timing.
+	if st := m.Stats(); st.PoolHits+st.PoolMisses != size+3 || st.PoolHits < size+1 {
+		t.Errorf("after a burst of %d: got %+v, want at least %d hits and %d starts", size+2, st, size+1, size+3)
+	}
+	waitPool(t, m, size)
+
+	// An init that died while waiting is discarded.
+	before := children(t)
+	if len(before) != size {
+		t.Fatalf("children %v, want the %d pre-started inits", before, size)
+	}
+	for _, p := range before {
+		pid, _ := strconv.Atoi(p)
+		syscall.Kill(pid, syscall.SIGKILL)
+	}
+	waitFor(t, "the killed inits to be reaped", func() bool {
+		for _, p := range before {
+			if _, err := os.Stat("/proc/" + p); err == nil {
+				return false
+			}
+		}
+		return true
+	})
+	out, exit := runSh(t, m, jail.Spec{ID: "after-kill"}, "echo alive")
+	if out != "alive" || exit.Code != 0 {
+		t.Errorf("start after the pool's inits died: got %q, %v", out, exit)
+	}
+}
+
+// cgroupFiles reads the limits of the cgroups holding pid, by file name.
+func cgroupFiles(t *testing.T, cfg jail.Config, pid int) map[string]string {
+	got := map[string]string{}
+	for _, parent := range cgroupParents(t, cfg.CgroupName) {
+		entries, _ := os.ReadDir(parent)
+		for _, e := range entries {
+			dir := filepath.Join(parent, e.Name())
+			procs, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+			if !e.IsDir() || !slices.Contains(strings.Fields(string(procs)), strconv.Itoa(pid)) {
+				continue
+			}
+			for _, f := range []string{"memory.limit_in_bytes", "memory.max", "cpu.shares", "cpu.weight", "pids.max"} {
+				if b, err := os.ReadFile(filepath.Join(dir, f)); err == nil {
+					got[f] = strings.TrimSpace(string(b))
+				}
+			}
+		}
+	}
+	return got
+}
+
+// TestSandboxLimits checks that a sandbox's cgroup carries its spec's
+// limits, whether its init was pre-started (limits set at Start) or not.
+func TestSandboxLimits(t *testing.T) {
+	forPoolModes(t, func(t *testing.T, m *jail.Manager, cfg jail.Config) {
+		s, err := m.Start(jail.Spec{ID: "limits", CodeDir: t.TempDir(), Argv: []string{"/bin/sleep", "60"}, MemoryMB: 96, PidsMax: 50})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer s.Close()
+		got := cgroupFiles(t, cfg, s.PID())
+		want := map[string]string{"pids.max": "50"}
+		if _, ok := got["memory.max"]; ok { // v2
+			want["memory.max"] = strconv.Itoa(96 << 20)
+			want["cpu.weight"] = strconv.FormatUint(cgroup.CPUWeight(96), 10)
+		} else {
+			want["memory.limit_in_bytes"] = strconv.Itoa(96 << 20)
+			want["cpu.shares"] = strconv.FormatUint(cgroup.CPUShares(96), 10)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("cgroup limits of the sandbox (-want +got):\n%s", diff)
+		}
+	})
 }
 
 // startReady starts a probe that connects to its listener and waits for
@@ -675,44 +942,193 @@ func percentile(d []time.Duration, p float64) time.Duration {
 	return s[int(float64(len(s)-1)*p)]
 }
 
-// TestStartLatency reports the cold-start cost (it asserts only a generous
-// bound: timings belong to BenchmarkStart).
+// TestStartLatency reports the cold-start cost with and without the pool
+// (it asserts only a generous bound: timings belong to BenchmarkStart).
 func TestStartLatency(t *testing.T) {
-	m, _ := newManager(t)
-	code := probe(t)
-	var starts, readies, closes []time.Duration
-	for i := range 30 {
-		s, st, ready := startReady(t, m, code, i)
-		t0 := time.Now()
-		if err := s.Close(); err != nil {
-			t.Fatal(err)
+	forPoolModes(t, func(t *testing.T, m *jail.Manager, cfg jail.Config) {
+		code := probe(t)
+		var starts, readies, closes []time.Duration
+		for i := range 30 {
+			waitPool(t, m, cfg.PoolSize)
+			s, st, ready := startReady(t, m, code, i)
+			t0 := time.Now()
+			if err := s.Close(); err != nil {
+				t.Fatal(err)
+			}
+			starts, readies, closes = append(starts, st), append(readies, ready), append(closes, time.Since(t0))
 		}
-		starts, readies, closes = append(starts, st), append(readies, ready), append(closes, time.Since(t0))
-	}
-	t.Logf("Start p50 %v p90 %v; Start→process connected p50 %v p90 %v; Close p50 %v p90 %v",
-		percentile(starts, .5), percentile(starts, .9), percentile(readies, .5), percentile(readies, .9),
-		percentile(closes, .5), percentile(closes, .9))
-	if p := percentile(readies, .5); p > time.Second {
-		t.Errorf("median start to running: %v", p)
+		t.Logf("Start p50 %v p90 %v; Start→process connected p50 %v p90 %v; Close p50 %v p90 %v",
+			percentile(starts, .5), percentile(starts, .9), percentile(readies, .5), percentile(readies, .9),
+			percentile(closes, .5), percentile(closes, .9))
+		if p := percentile(readies, .5); p > time.Second {
+			t.Errorf("median start to running: %v", p)
+		}
+		if st := m.Stats(); cfg.PoolSize > 0 && st.PoolMisses != 0 {
+			t.Errorf("starts with a full pool: got %+v, want no misses", st)
+		}
+	})
+}
+
+// BenchmarkStart measures Start and Start→process running (the probe
+// connected to its listener), and Close:
+//   - pool: a pre-started init is ready for each Start (the pool is
+//     refilled between iterations, outside the measurement);
+//   - pool-burst: back-to-back Starts, the pool refilling meanwhile (hits
+//     and misses mix; "hit-ratio" reports how many found an init);
+//   - direct: no pool, every Start forks its own init.
+func BenchmarkStart(b *testing.B) {
+	for _, bc := range []struct {
+		name string
+		size int
+		wait bool
+	}{{"pool", jail.DefaultPoolSize, true}, {"pool-burst", jail.DefaultPoolSize, false}, {"direct", 0, false}} {
+		b.Run(bc.name, func(b *testing.B) {
+			m, _ := newManagerPool(b, bc.size)
+			code := probe(b)
+			var starts, readies, closes []time.Duration
+			i := 0
+			for b.Loop() {
+				if bc.wait {
+					b.StopTimer()
+					waitPool(b, m, bc.size)
+					b.StartTimer()
+				}
+				s, st, ready := startReady(b, m, code, i)
+				t0 := time.Now()
+				if err := s.Close(); err != nil {
+					b.Fatal(err)
+				}
+				starts, readies, closes = append(starts, st), append(readies, ready), append(closes, time.Since(t0))
+				i++
+			}
+			b.ReportMetric(float64(percentile(starts, .5).Microseconds())/1000, "start-p50-ms")
+			b.ReportMetric(float64(percentile(starts, .99).Microseconds())/1000, "start-p99-ms")
+			b.ReportMetric(float64(percentile(readies, .5).Microseconds())/1000, "running-p50-ms")
+			b.ReportMetric(float64(percentile(readies, .99).Microseconds())/1000, "running-p99-ms")
+			b.ReportMetric(float64(percentile(closes, .5).Microseconds())/1000, "close-p50-ms")
+			if st := m.Stats(); bc.size > 0 {
+				b.ReportMetric(float64(st.PoolHits)/float64(st.PoolHits+st.PoolMisses), "hit-ratio")
+			}
+		})
 	}
 }
 
-func BenchmarkStart(b *testing.B) {
-	m, _ := newManager(b)
-	code := probe(b)
-	var starts, readies, closes []time.Duration
-	i := 0
-	for b.Loop() {
-		s, st, ready := startReady(b, m, code, i)
-		t0 := time.Now()
-		if err := s.Close(); err != nil {
-			b.Fatal(err)
-		}
-		starts, readies, closes = append(starts, st), append(readies, ready), append(closes, time.Since(t0))
-		i++
+const crashHelperEnv = "SKIFF_JAIL_CRASH_HELPER"
+
+// TestCrashHelper is the agent of TestPoolDiesWithAgent, run in a child
+// process: it fills a pool, starts a sandbox, prints its children's pids
+// and waits to be killed.
+func TestCrashHelper(t *testing.T) {
+	env := os.Getenv(crashHelperEnv)
+	if env == "" {
+		t.Skip("helper process of TestPoolDiesWithAgent")
 	}
-	b.ReportMetric(float64(percentile(starts, .5).Microseconds())/1000, "start-p50-ms")
-	b.ReportMetric(float64(percentile(readies, .5).Microseconds())/1000, "running-p50-ms")
-	b.ReportMetric(float64(percentile(readies, .99).Microseconds())/1000, "running-p99-ms")
-	b.ReportMetric(float64(percentile(closes, .5).Microseconds())/1000, "close-p50-ms")
+	runDir, cgName, _ := strings.Cut(env, ",")
+	m, err := jail.New(jail.Config{RunDir: runDir, CgroupName: cgName, PoolSize: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	waitPool(t, m, 2)
+	if _, err := m.Start(jail.Spec{ID: "crash", CodeDir: t.TempDir(), Argv: []string{"/bin/sleep", "600"}, MemoryMB: 64}); err != nil {
+		t.Fatal(err)
+	}
+	waitPool(t, m, 2)
+	fmt.Printf("pids %s\n", strings.Join(children(t), " "))
+	select {}
+}
+
+// TestPoolDiesWithAgent kills an agent with a running sandbox and a full
+// pool of pre-started inits: all of them die with it (parent-death
+// signal), and Reclaim in the next run removes their cgroups.
+func TestPoolDiesWithAgent(t *testing.T) {
+	testutil.RequirePrivileged(t)
+	runDir, err := os.MkdirTemp("", "skiff-jail-crash-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(runDir)
+	cgName := fmt.Sprintf("skiff-jailcrash-%d", os.Getpid())
+	defer removeCgroupParents(t, cgName)
+
+	cmd := exec.Command(os.Args[0], "-test.run=^TestCrashHelper$")
+	cmd.Env = append(os.Environ(), crashHelperEnv+"="+runDir+","+cgName)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	pidLine := make(chan string, 1)
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			if rest, ok := strings.CutPrefix(sc.Text(), "pids "); ok {
+				pidLine <- rest
+			}
+		}
+		close(pidLine)
+	}()
+	var pids []string
+	select {
+	case line, ok := <-pidLine:
+		if !ok {
+			t.Fatal("helper exited without reporting its children")
+		}
+		pids = strings.Fields(line)
+	case <-time.After(60 * time.Second):
+		t.Fatal("helper did not report its children")
+	}
+	if len(pids) != 3 {
+		t.Fatalf("helper's children: got %v, want a sandbox and 2 pre-started inits", pids)
+	}
+	t.Logf("helper %d: sandbox and pre-started inits %v", cmd.Process.Pid, pids)
+	cmd.Process.Kill()
+	cmd.Wait()
+	waitFor(t, "the helper's sandbox and inits to die", func() bool {
+		for _, pid := range pids {
+			b, err := os.ReadFile("/proc/" + pid + "/stat")
+			if err != nil {
+				continue // gone
+			}
+			// "pid (comm) state ...": a zombie is dead.
+			if _, rest, _ := strings.Cut(string(b), ") "); !strings.HasPrefix(rest, "Z") {
+				return false
+			}
+		}
+		return true
+	})
+
+	// The next run reclaims the cgroups they leave behind.
+	m, err := jail.New(jail.Config{RunDir: runDir, CgroupName: cgName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	parents := cgroupParents(t, cgName)
+	left := 0
+	for _, p := range parents {
+		entries, _ := os.ReadDir(p)
+		for _, e := range entries {
+			if e.IsDir() {
+				left++
+			}
+		}
+	}
+	if left != 3*len(parents) {
+		t.Errorf("cgroups left by the crash: got %d, want 3 in each of %d hierarchies", left, len(parents))
+	}
+	t.Logf("%d cgroups left by the crash in %d hierarchies", left, len(parents))
+	if err := m.Reclaim(); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range parents {
+		entries, _ := os.ReadDir(p)
+		for _, e := range entries {
+			if e.IsDir() {
+				t.Errorf("cgroup %s/%s left after Reclaim", p, e.Name())
+			}
+		}
+	}
 }

@@ -8,13 +8,16 @@ import (
 	"net"
 	"os"
 	"regexp"
+	"runtime"
 	"sync"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 
 	"skiff.dev/skiff/internal/cgroup"
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/netns"
 )
 
 // Spec describes one sandbox.
@@ -81,19 +84,23 @@ func (e ExitInfo) String() string {
 	return s
 }
 
-// Sandbox is one running (or ended) jailed process.
+// Sandbox is one running (or ended) jailed process. A pre-started init
+// waiting in the Manager's pool is a Sandbox without an ID yet.
 type Sandbox struct {
-	id   string
-	m    *Manager
-	proc *os.Process
-	cg   cgroup.Group
-	ln   net.Listener
-	done chan struct{}
+	id     string // set when the sandbox is handed out by Start
+	m      *Manager
+	proc   *os.Process
+	cg     cgroup.Group
+	ns     *netns.NS
+	ctl    *net.UnixConn // the agent's end of the init's control socket
+	ln     net.Listener
+	lnAddr string // the address ln listens on
+	done   chan struct{}
 
 	exit     ExitInfo // set before done is closed
 	peakExit int64    // peak memory read at exit; set before done is closed
 
-	cleanup   []func() error // LIFO; owned by Start, then by Close
+	cleanup   []func() error // LIFO; owned by Start (or the pool), then by Close
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -136,7 +143,7 @@ func (s *Sandbox) Kill() error {
 	// Killing the pid namespace's init kills all its processes; the cgroup
 	// sweep catches anything else.
 	if err := s.proc.Signal(syscall.SIGKILL); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		return fmt.Errorf("killing sandbox %s: %w", s.id, err)
+		return fmt.Errorf("killing sandbox %s (pid %d): %w", s.id, s.proc.Pid, err)
 	}
 	select {
 	case <-s.done:
@@ -162,65 +169,124 @@ func (s *Sandbox) Close() error {
 	return s.closeErr
 }
 
-// initSpec is what the jail init receives over its spec pipe.
-type initSpec struct {
-	Root        string
-	Host        hostLayout
-	Hostname    string
-	Argv, Env   []string
-	EphemeralMB int
-	UID         int
-	Seccomp     []unix.SockFilter
-}
-
-// Start creates a sandbox and returns once its process has been exec'd.
+// Start creates a sandbox and returns once its process has been exec'd. It
+// hands the spec to a pre-started init from the pool when one is ready, and
+// forks a new init otherwise.
 func (m *Manager) Start(spec Spec) (*Sandbox, error) {
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
-	s := &Sandbox{id: spec.ID, m: m, done: make(chan struct{})}
-	slot, err := m.acquire(spec.ID, s)
+	msg, err := json.Marshal(initSpec{Argv: spec.Argv, Env: spec.Env, EphemeralMB: spec.EphemeralMB})
 	if err != nil {
 		return nil, err
 	}
-	s.cleanup = append(s.cleanup, func() error { m.release(spec.ID, slot); return nil })
-	if err := m.start(s, spec, slot); err != nil {
-		return nil, errors.Join(fmt.Errorf("starting sandbox %s: %w", spec.ID, err), s.Close())
+	if len(msg) > maxMsg {
+		return nil, errs.Invalid("Env", "argv and environment take %d bytes, more than %d", len(msg), maxMsg)
+	}
+	if err := m.register(spec.ID); err != nil {
+		return nil, err
+	}
+	defer m.starts.Done()
+	s, err := m.start(spec, msg)
+	if err != nil {
+		m.unregister(spec.ID)
+		return nil, fmt.Errorf("starting sandbox %s: %w", spec.ID, err)
 	}
 	return s, nil
 }
 
-func (m *Manager) start(s *Sandbox, spec Spec, slot int) error {
-	ns, err := m.pool.Get()
+// start hands spec (msg is its initSpec) to a pre-started init, or to a
+// new one when the pool has none.
+func (m *Manager) start(spec Spec, msg []byte) (*Sandbox, error) {
+	defer m.inits.kick()
+	for {
+		s := m.inits.take()
+		if s == nil {
+			break
+		}
+		err := m.claim(s, spec, msg, true)
+		if err == nil {
+			m.inits.hits.Add(1)
+			return m.adopt(s, spec.ID), nil
+		}
+		cerr := s.Close()
+		if !errors.Is(err, errStale) {
+			m.inits.hits.Add(1)
+			return nil, errors.Join(err, cerr)
+		}
+		m.log.Warn("discarding a pre-started jail init", "err", err)
+	}
+	m.inits.misses.Add(1)
+	s, err := m.spawn(spec.ID, cgroup.Resources{MemoryMB: spec.MemoryMB, PidsMax: spec.PidsMax}, spec.ListenAddr, nil)
+	if err != nil {
+		return nil, err
+	}
+	if err := m.claim(s, spec, msg, false); err != nil {
+		return nil, errors.Join(err, s.Close())
+	}
+	return m.adopt(s, spec.ID), nil
+}
+
+// adopt makes s the live sandbox id. Its ID is released last when it
+// closes, after everything else it holds.
+func (m *Manager) adopt(s *Sandbox, id string) *Sandbox {
+	s.id = id
+	s.cleanup = append([]func() error{func() error { m.unregister(id); return nil }}, s.cleanup...)
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.live[id] = s
+	return s
+}
+
+// spawn forks a jail init into fresh user, pid, mount, uts and ipc
+// namespaces and a network namespace from the pool, in the cgroup cgName
+// (made with r), with a listener on lnAddr (if set) created inside that
+// network namespace. It returns once the init has built its root and waits
+// for its spec. Closing abort (may be nil) cancels the wait.
+func (m *Manager) spawn(cgName string, r cgroup.Resources, lnAddr string, abort <-chan struct{}) (*Sandbox, error) {
+	s := &Sandbox{m: m, done: make(chan struct{}), lnAddr: lnAddr}
+	slot := m.acquireSlot()
+	s.cleanup = append(s.cleanup, func() error { m.releaseSlot(slot); return nil })
+	if err := m.fork(s, cgName, r, slot, abort); err != nil {
+		return nil, errors.Join(err, s.Close())
+	}
+	return s, nil
+}
+
+func (m *Manager) fork(s *Sandbox, cgName string, r cgroup.Resources, slot int, abort <-chan struct{}) error {
+	ns, err := m.netPool.Get()
 	if err != nil {
 		return err
 	}
+	s.ns = ns
 	s.cleanup = append(s.cleanup, ns.Close)
 
-	cg, err := m.cg.Create(spec.ID, cgroup.Resources{MemoryMB: spec.MemoryMB, PidsMax: spec.PidsMax})
+	cg, err := m.cg.Create(cgName, r)
 	if err != nil {
 		return err
 	}
 	s.cg = cg
 	s.cleanup = append(s.cleanup, cg.Remove)
 
-	code, err := openCodeTree(spec.CodeDir)
+	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
 	if err != nil {
-		return err
+		return fmt.Errorf("control socket: %w", err)
 	}
-	defer code.Close()
-	specR, specW, err := os.Pipe()
+	child := os.NewFile(uintptr(pair[1]), "jail-ctl")
+	defer child.Close()
+	parent := os.NewFile(uintptr(pair[0]), "jail-ctl")
+	conn, err := net.FileConn(parent)
+	parent.Close()
 	if err != nil {
-		return err
+		return fmt.Errorf("control socket: %w", err)
 	}
-	defer specW.Close()
-	defer specR.Close()
-	statusR, statusW, err := os.Pipe()
-	if err != nil {
-		return err
-	}
-	defer statusR.Close()
-	defer statusW.Close()
+	s.ctl = conn.(*net.UnixConn)
+	s.cleanup = append(s.cleanup, func() error {
+		if err := s.ctl.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		return nil
+	})
 	cgfd, err := cg.CloneFD()
 	if err != nil {
 		return err
@@ -229,12 +295,11 @@ func (m *Manager) start(s *Sandbox, spec Spec, slot int) error {
 		defer unix.Close(cgfd)
 	}
 
-	stdout, stderr := orDevNull(spec.Stdout, m.devnull), orDevNull(spec.Stderr, m.devnull)
 	rootUID, userUID := int(m.cfg.UIDBase)+2*slot, int(m.cfg.UIDBase)+2*slot+1
 	attr := &os.ProcAttr{
 		Dir:   "/",
 		Env:   []string{"GOMAXPROCS=1", "GOGC=off"},
-		Files: []*os.File{m.devnull, stdout, stderr, specR, statusW, code},
+		Files: []*os.File{m.devnull, m.devnull, m.devnull, child},
 		Sys: &syscall.SysProcAttr{
 			Cloneflags: syscall.CLONE_NEWUSER | syscall.CLONE_NEWNS | syscall.CLONE_NEWPID |
 				syscall.CLONE_NEWUTS | syscall.CLONE_NEWIPC,
@@ -257,10 +322,10 @@ func (m *Manager) start(s *Sandbox, spec Spec, slot int) error {
 	}
 	var proc *os.Process
 	err = m.thread.Run(ns, func() error {
-		if spec.ListenAddr != "" {
-			ln, err := net.Listen("tcp", spec.ListenAddr)
+		if lnAddr := s.lnAddr; lnAddr != "" {
+			ln, err := net.Listen("tcp", lnAddr)
 			if err != nil {
-				return fmt.Errorf("listening on %s in the sandbox: %w", spec.ListenAddr, err)
+				return fmt.Errorf("listening on %s in the sandbox: %w", lnAddr, err)
 			}
 			s.ln = ln
 		}
@@ -268,14 +333,7 @@ func (m *Manager) start(s *Sandbox, spec Spec, slot int) error {
 		proc, err = os.StartProcess("/proc/self/exe", []string{initArg0}, attr)
 		return err
 	})
-	if s.ln != nil {
-		s.cleanup = append(s.cleanup, func() error {
-			if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
-				return err
-			}
-			return nil
-		})
-	}
+	s.cleanup = append(s.cleanup, s.closeListener)
 	if err != nil {
 		return fmt.Errorf("forking jail init: %w", err)
 	}
@@ -286,34 +344,133 @@ func (m *Manager) start(s *Sandbox, spec Spec, slot int) error {
 		<-s.done
 		return err
 	})
-	specR.Close()
-	statusW.Close()
-	code.Close()
+	child.Close()
 
 	if cgfd < 0 {
 		if err := cg.Add(proc.Pid); err != nil {
 			return err
 		}
 	}
-	b, err := json.Marshal(initSpec{
-		Root: m.rootDir, Host: m.host, Hostname: Hostname,
-		Argv: spec.Argv, Env: spec.Env, EphemeralMB: spec.EphemeralMB, UID: SandboxUID, Seccomp: m.seccomp,
-	})
+	b, err := json.Marshal(initSetup{Root: m.rootDir, Host: m.host, Hostname: Hostname, UID: SandboxUID, Seccomp: m.seccomp})
 	if err != nil {
 		return err
 	}
-	if _, err := specW.Write(b); err != nil {
-		return fmt.Errorf("sending spec to jail init: %w", err)
+	if _, err := s.ctl.Write(b); err != nil {
+		return fmt.Errorf("sending setup to jail init: %w", err)
 	}
-	specW.Close()
-	// The status pipe closes on exec (close-on-exec) or carries the init's
-	// error.
-	msg, err := io.ReadAll(statusR)
+	if abort != nil {
+		stop := make(chan struct{})
+		defer close(stop)
+		go func() {
+			select {
+			case <-abort:
+				s.ctl.SetReadDeadline(time.Unix(1, 0))
+			case <-stop:
+			}
+		}()
+	}
+	s.ctl.SetReadDeadline(time.Now().Add(setupTimeout))
+	msg, err := readCtl(s.ctl)
+	s.ctl.SetReadDeadline(time.Time{})
+	switch {
+	case err == io.EOF:
+		return errors.New("jail init exited during setup")
+	case err != nil:
+		return fmt.Errorf("waiting for jail init: %w", err)
+	case msg != msgReady:
+		return errors.New(msg)
+	}
+	return nil
+}
+
+// setupTimeout bounds the wait for an init to build its root (normally a
+// few milliseconds).
+const setupTimeout = 30 * time.Second
+
+// errStale marks a pre-started init that can no longer be used (it died
+// while waiting): Start discards it and takes another.
+var errStale = errors.New("pre-started jail init is gone")
+
+// claim hands spec (msg is its initSpec) to the init s is waiting with
+// and returns once the function's process has been exec'd. limits applies
+// spec's cgroup limits first (a pre-started init's group has none yet).
+func (m *Manager) claim(s *Sandbox, spec Spec, msg []byte, limits bool) error {
+	select {
+	case <-s.done:
+		return fmt.Errorf("%w (%v)", errStale, s.exit)
+	default:
+	}
+	code, err := openCodeTree(spec.CodeDir)
 	if err != nil {
+		return err
+	}
+	defer code.Close()
+	if limits {
+		if err := s.cg.Update(cgroup.Resources{MemoryMB: spec.MemoryMB, PidsMax: spec.PidsMax}); err != nil {
+			return err
+		}
+	}
+	if spec.ListenAddr != s.lnAddr {
+		if err := s.closeListener(); err != nil {
+			return err
+		}
+		s.ln, s.lnAddr = nil, spec.ListenAddr
+		if spec.ListenAddr != "" {
+			err := m.thread.Run(s.ns, func() error {
+				ln, err := net.Listen("tcp", spec.ListenAddr)
+				if err != nil {
+					return fmt.Errorf("listening on %s in the sandbox: %w", spec.ListenAddr, err)
+				}
+				s.ln = ln
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+		}
+	}
+	stdout, stderr := orDevNull(spec.Stdout, m.devnull), orDevNull(spec.Stderr, m.devnull)
+	// Fd puts the files in blocking mode, as the process expects them.
+	rights := unix.UnixRights(int(code.Fd()), int(stdout.Fd()), int(stderr.Fd()))
+	_, _, err = s.ctl.WriteMsgUnix(msg, rights, nil)
+	runtime.KeepAlive(stdout)
+	runtime.KeepAlive(stderr)
+	if err != nil {
+		return fmt.Errorf("%w: sending spec: %w", errStale, err)
+	}
+	code.Close()
+	// The control socket closes on exec (close-on-exec) or carries the
+	// init's error.
+	status, err := readCtl(s.ctl)
+	s.ctl.Close()
+	switch {
+	case err == io.EOF:
+		return nil
+	case err != nil:
 		return fmt.Errorf("reading jail init status: %w", err)
 	}
-	if len(msg) > 0 {
-		return errors.New(string(msg))
+	return errors.New(status)
+}
+
+// readCtl reads one message from an init's control socket; io.EOF when
+// the init closed it.
+func readCtl(c *net.UnixConn) (string, error) {
+	buf := make([]byte, 4096)
+	n, err := c.Read(buf)
+	if err != nil {
+		return "", err
+	}
+	return string(buf[:n]), nil
+}
+
+// closeListener closes the listener (if any); closing it again is
+// success.
+func (s *Sandbox) closeListener() error {
+	if s.ln == nil {
+		return nil
+	}
+	if err := s.ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+		return err
 	}
 	return nil
 }
@@ -339,7 +496,7 @@ func (s *Sandbox) wait() {
 			}
 		}
 	} else {
-		s.m.log.Error("waiting for sandbox", "id", s.id, "err", err)
+		s.m.log.Error("waiting for sandbox", "pid", s.proc.Pid, "err", err)
 	}
 	if n, err := s.cg.OOMKills(); err == nil && n > 0 {
 		info.OOMKilled = true

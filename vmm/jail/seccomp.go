@@ -55,7 +55,8 @@ func assembleSeccomp() ([]unix.SockFilter, error) {
 	return out, nil
 }
 
-// loadSeccomp sets no_new_privs and installs the filter on every thread.
+// loadSeccomp sets no_new_privs and installs the filter on the calling
+// thread (the one that execs the function; see dropPrivileges).
 func loadSeccomp(filter []unix.SockFilter) error {
 	if len(filter) == 0 {
 		return fmt.Errorf("empty filter")
@@ -65,7 +66,7 @@ func loadSeccomp(filter []unix.SockFilter) error {
 	}
 	prog := unix.SockFprog{Len: uint16(len(filter)), Filter: &filter[0]}
 	_, _, errno := unix.RawSyscall(unix.SYS_SECCOMP, unix.SECCOMP_SET_MODE_FILTER,
-		unix.SECCOMP_FILTER_FLAG_TSYNC, uintptr(unsafe.Pointer(&prog)))
+		0, uintptr(unsafe.Pointer(&prog)))
 	if errno != 0 {
 		return errno
 	}
