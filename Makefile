@@ -38,7 +38,8 @@ tools:
 	cd tools && $(GO) build -o $(TOOLS)/ github.com/bufbuild/buf/cmd/buf google.golang.org/protobuf/cmd/protoc-gen-go connectrpc.com/connect/cmd/protoc-gen-connect-go honnef.co/go/tools/cmd/staticcheck
 
 generate: tools
-	cd api && rm -rf gen && PATH=$(TOOLS):$$PATH buf generate
+	find api/gen -name "*.pb.go" -delete -o -name "*.connect.go" -delete
+	cd api && PATH=$(TOOLS):$$PATH buf generate
 
 # Fails when the committed generated code is not what `make generate` makes.
 check-generate: generate

@@ -226,15 +226,10 @@ func TestReservedConcurrencyThrottles(t *testing.T) {
 		}()
 	}
 	// Wait until both are admitted (running), then the third is throttled.
-	deadline := time.Now().Add(20 * time.Second)
-	var err error
-	for time.Now().Before(deadline) {
-		_, err = invoke(context.Background(), c, "limited", `{"action":"sleep","sleep":"1ms"}`)
-		if err != nil {
-			break
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitFor(t, 20*time.Second, "two invocations in flight", func() bool {
+		return d.metric(t, `skiff_function_concurrent_executions{function="limited"}`) == 2
+	})
+	_, err := invoke(context.Background(), c, "limited", `{"action":"sleep","sleep":"1ms"}`)
 	if connect.CodeOf(err) != connect.CodeResourceExhausted {
 		t.Fatalf("third concurrent invoke: %v, want ResourceExhausted", err)
 	}

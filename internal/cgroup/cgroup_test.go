@@ -293,3 +293,27 @@ func checkV1Limits(t *testing.T, m Manager, g Group) {
 		}
 	}
 }
+
+// TestV2EvacuatesDelegatedCgroup: under systemd with Delegate=yes the agent
+// starts in a non-root cgroup that has processes; NewV2 moves them into a
+// leaf before enabling controllers for the sandboxes' parent.
+func TestV2EvacuatesDelegatedCgroup(t *testing.T) {
+	own := t.TempDir()
+	os.WriteFile(filepath.Join(own, "cgroup.type"), []byte("domain\n"), 0o644)
+	os.WriteFile(filepath.Join(own, "cgroup.procs"), []byte("4242\n"), 0o644)
+	if _, err := NewV2(filepath.Join(own, "skiff")); err != nil {
+		t.Fatal(err)
+	}
+	if got := read(t, filepath.Join(own, SupervisorName, "cgroup.procs")); got != "4242" {
+		t.Fatalf("supervisor cgroup.procs = %q, want the agent's pid 4242", got)
+	}
+	// The root cgroup is exempt: nothing is moved.
+	root := t.TempDir()
+	os.WriteFile(filepath.Join(root, "cgroup.procs"), []byte("1\n"), 0o644)
+	if _, err := NewV2(filepath.Join(root, "skiff")); err != nil {
+		t.Fatal(err)
+	}
+	if exists(filepath.Join(root, SupervisorName)) {
+		t.Fatal("processes were moved out of the root cgroup")
+	}
+}

@@ -28,6 +28,9 @@ func NewV2(parent string) (*V2, error) {
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, fmt.Errorf("creating cgroup %s: %w", parent, err)
 	}
+	if err := evacuate(filepath.Dir(parent)); err != nil {
+		return nil, err
+	}
 	enable := "+" + strings.Join(controllers, " +")
 	for _, dir := range []string{filepath.Dir(parent), parent} {
 		if err := writeFile(dir, "cgroup.subtree_control", enable); err != nil {
@@ -150,5 +153,38 @@ func (g *v2Group) Remove() error {
 		return err
 	}
 	g.removed = true
+	return nil
+}
+
+// SupervisorName is the leaf cgroup the agent moves itself into when it
+// runs in a non-root cgroup that holds processes (a systemd service with
+// Delegate=yes): v2's no-internal-processes rule forbids enabling
+// controllers for children of a cgroup that has processes of its own.
+const SupervisorName = "supervisor"
+
+// evacuate moves every process of the non-root cgroup dir into the leaf
+// dir/supervisor, so controllers can be enabled for dir's children. The
+// root cgroup (which has no cgroup.type file) is exempt from the rule.
+func evacuate(dir string) error {
+	if !exists(filepath.Join(dir, "cgroup.type")) {
+		return nil
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		return fmt.Errorf("reading %s/cgroup.procs: %w", dir, err)
+	}
+	pids := strings.Fields(string(b))
+	if len(pids) == 0 {
+		return nil
+	}
+	leaf := filepath.Join(dir, SupervisorName)
+	if err := os.MkdirAll(leaf, 0o755); err != nil {
+		return fmt.Errorf("creating cgroup %s: %w", leaf, err)
+	}
+	for _, pid := range pids {
+		if err := writeFile(leaf, "cgroup.procs", pid); err != nil && !errors.Is(err, unix.ESRCH) {
+			return fmt.Errorf("moving process %s to %s: %w", pid, leaf, err)
+		}
+	}
 	return nil
 }
