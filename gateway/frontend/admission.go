@@ -68,9 +68,6 @@ func (a *admission) release(t ticket) {
 	}
 }
 
-// inUse reports the invocations in flight from the unreserved pool.
-func (a *admission) inUse() int64 { return a.unreserved.Load() }
-
 // poolSize returns the size of the unreserved pool, reading the sum of
 // reservations from the store only when a change made it stale.
 func (a *admission) poolSize(ctx context.Context) (int64, error) {

@@ -38,14 +38,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// newManager starts a Manager with the default pool of pre-started inits,
-// its own cgroup parent and run dir, closed and reclaimed at the end of the
+// newManagerPool starts a Manager with PoolSize poolSize (0: no pool), its
+// own cgroup parent and run dir, closed and reclaimed at the end of the
 // test. It returns once the pool is full.
-func newManager(t testing.TB) (*jail.Manager, jail.Config) {
-	return newManagerPool(t, jail.DefaultPoolSize)
-}
-
-// newManagerPool is newManager with PoolSize poolSize (0: no pool).
 func newManagerPool(t testing.TB, poolSize int) (*jail.Manager, jail.Config) {
 	t.Helper()
 	testutil.RequirePrivileged(t)
