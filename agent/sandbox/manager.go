@@ -196,9 +196,7 @@ func (m *Manager) respond(req *skiffv1.AgentInvokeRequest, sb *Sandbox, o outcom
 	if initLog != nil {
 		text = initLog
 	} else {
-		if !sb.exited() {
-			sb.out.Sync(100 * time.Millisecond)
-		}
+		sb.out.Sync()
 		text = sb.out.Take()
 	}
 	log := frameLog(req.GetRequestId(), spec, text, o.note, dur, initDur, cold, maxMem)

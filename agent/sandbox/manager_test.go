@@ -406,3 +406,20 @@ func TestStateMachineRefusesIllegalMoves(t *testing.T) {
 		t.Fatal("dead or idle sandboxes must not go back")
 	}
 }
+
+// TestLargeOutput: a function logging more than the pipe holds is not
+// blocked, and its whole output (up to the per-invocation cap) lands in its
+// own invocation's log.
+func TestLargeOutput(t *testing.T) {
+	m, _, _ := newTestManager(t, 1024)
+	s := spec("chatty", "k1", 5)
+	line := strings.Repeat("x", 300<<10) + "-end"
+	r := invoke(t, m, s, `{"log":"`+line+`"}`)
+	if !strings.Contains(r.Log, line) {
+		t.Fatalf("log of %d bytes lacks the 300 KB line", len(r.Log))
+	}
+	r = invoke(t, m, s, `{"log":"small"}`)
+	if strings.Contains(r.Log, "-end") || !strings.Contains(r.Log, "small") {
+		t.Fatalf("second invocation's log carries the first one's output or lacks its own:\n%.300s", r.Log)
+	}
+}

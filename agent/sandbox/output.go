@@ -1,28 +1,27 @@
 package sandbox
 
 import (
-	"bytes"
-	"crypto/rand"
-	"encoding/hex"
+	"errors"
 	"os"
 	"sync"
-	"time"
+	"syscall"
 )
 
 // output captures a sandbox's stdout and stderr, which share one pipe as
-// Lambda merges them. A reader goroutine drains the pipe into a bounded
-// buffer. To attribute output exactly to an invocation, Sync writes a
-// per-sandbox marker into the pipe and waits for the reader to reach it:
-// the pipe is FIFO, so everything the function wrote before it answered has
-// been read when the marker arrives.
+// Lambda merges them. A background goroutine drains the pipe whenever it
+// becomes readable, so a chatty function never blocks on a full pipe. To
+// attribute output exactly to an invocation, Sync drains the pipe itself,
+// without blocking: the function wrote its output before it answered, so
+// when the answer has arrived that output is already in the pipe.
 type output struct {
-	r, w   *os.File
-	marker []byte
-	max    int
-	synced chan struct{}
+	r, w *os.File
+	raw  syscall.RawConn
+	max  int
 
-	mu  sync.Mutex
-	buf []byte // guarded by mu: output not yet taken, at most max bytes (the tail)
+	mu     sync.Mutex
+	buf    []byte // guarded by mu: output not yet taken, at most max bytes (the tail)
+	chunk  []byte // guarded by mu: read buffer
+	closed bool   // guarded by mu: the read end is at EOF or closed
 }
 
 func newOutput(max int) (*output, error) {
@@ -30,83 +29,57 @@ func newOutput(max int) (*output, error) {
 	if err != nil {
 		return nil, err
 	}
-	tok := make([]byte, 8)
-	_, _ = rand.Read(tok)
-	o := &output{
-		r: r, w: w, max: max,
-		marker: []byte("\x00skiff-sync-" + hex.EncodeToString(tok) + "\x00"),
-		synced: make(chan struct{}, 1),
+	raw, err := r.SyscallConn()
+	if err != nil {
+		r.Close()
+		w.Close()
+		return nil, err
 	}
-	go o.read()
+	o := &output{r: r, w: w, raw: raw, max: max, chunk: make([]byte, 32<<10)}
+	go o.pump()
 	return o, nil
 }
 
 // writer is the file handed to the sandbox as stdout and stderr.
 func (o *output) writer() *os.File { return o.w }
 
-func (o *output) read() {
-	chunk := make([]byte, 32<<10)
-	for {
-		n, err := o.r.Read(chunk)
-		if n > 0 {
-			o.append(chunk[:n])
-		}
-		if err != nil {
-			_ = o.r.Close()
-			return
-		}
-	}
+// pump drains the pipe each time it becomes readable until EOF.
+func (o *output) pump() {
+	_ = o.raw.Read(func(fd uintptr) bool { return o.drain(int(fd)) })
+	_ = o.r.Close()
 }
 
-func (o *output) append(p []byte) {
+// drain reads what the pipe holds without blocking and reports whether
+// the pipe is finished (EOF or an error).
+func (o *output) drain(fd int) bool {
 	o.mu.Lock()
-	start := len(o.buf) - len(o.marker)
-	if start < 0 {
-		start = 0
+	defer o.mu.Unlock()
+	if o.closed {
+		return true
 	}
-	o.buf = append(o.buf, p...)
-	found := false
 	for {
-		i := bytes.Index(o.buf[start:], o.marker)
-		if i < 0 {
-			break
+		n, err := syscall.Read(fd, o.chunk)
+		if n > 0 {
+			o.buf = append(o.buf, o.chunk[:n]...)
+			if over := len(o.buf) - o.max; over > 0 {
+				o.buf = append(o.buf[:0], o.buf[over:]...)
+			}
+			continue
 		}
-		i += start
-		o.buf = append(o.buf[:i], o.buf[i+len(o.marker):]...)
-		start = i
-		found = true
-	}
-	if over := len(o.buf) - o.max; over > 0 {
-		// Keep the tail, but never cut a partial marker at the end.
-		o.buf = append(o.buf[:0], o.buf[over:]...)
-	}
-	o.mu.Unlock()
-	if found {
-		select {
-		case o.synced <- struct{}{}:
-		default:
+		if errors.Is(err, syscall.EINTR) {
+			continue
 		}
+		if errors.Is(err, syscall.EAGAIN) {
+			return false
+		}
+		o.closed = true // n == 0: EOF, or a real error
+		return true
 	}
 }
 
-// Sync waits until everything written to the pipe before the call has been
-// read, or until timeout passes.
-func (o *output) Sync(timeout time.Duration) bool {
-	select { // drop a stale signal
-	case <-o.synced:
-	default:
-	}
-	if _, err := o.w.Write(o.marker); err != nil {
-		return false
-	}
-	t := time.NewTimer(timeout)
-	defer t.Stop()
-	select {
-	case <-o.synced:
-		return true
-	case <-t.C:
-		return false
-	}
+// Sync reads everything already written to the pipe.
+func (o *output) Sync() {
+	_ = o.raw.Control(func(fd uintptr) { o.drain(int(fd)) })
 }
 
 // Take returns the captured output and resets the buffer.
@@ -118,6 +91,6 @@ func (o *output) Take() []byte {
 	return b
 }
 
-// Close closes the agent's write end; the reader ends once the sandbox's
+// Close closes the agent's write end; the pump ends once the sandbox's
 // copies are closed too.
 func (o *output) Close() error { return o.w.Close() }
