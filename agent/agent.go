@@ -13,6 +13,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"syscall"
 	"time"
 
 	"connectrpc.com/connect"
@@ -35,7 +36,11 @@ type Config struct {
 	KeepAlive   time.Duration // idle sandbox lifetime; default 10m
 	InitTimeout time.Duration // default 10s
 	Region      string
-	CgroupName  string // default "skiff"
+	// CgroupName is the parent cgroup of this agent's sandboxes; default
+	// "skiff-<hash of DataDir>", so that agents with different data dirs on
+	// one host never reclaim each other's sandboxes while a restarted agent
+	// reclaims its own.
+	CgroupName string
 	// RunDir holds the jail's per-sandbox mount points. Every directory on
 	// its path must be searchable by unprivileged users (sandbox roots map
 	// to one); default /run/skiff/<hash of DataDir>.
@@ -63,6 +68,11 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.DataDir == "" {
 		return nil, errors.New("agent: DataDir is required")
 	}
+	dataDir, err := filepath.Abs(cfg.DataDir)
+	if err != nil {
+		return nil, fmt.Errorf("agent: data dir: %w", err)
+	}
+	cfg.DataDir = dataDir
 	if cfg.Code == nil {
 		return nil, errors.New("agent: Code fetcher is required")
 	}
@@ -72,8 +82,10 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.Host == "" {
 		cfg.Host, _ = os.Hostname()
 	}
+	sum := sha256.Sum256([]byte(cfg.DataDir))
+	tag := hex.EncodeToString(sum[:6])
 	if cfg.CgroupName == "" {
-		cfg.CgroupName = "skiff"
+		cfg.CgroupName = "skiff-" + tag
 	}
 	if cfg.MemoryMB <= 0 {
 		cfg.MemoryMB = hostMemoryMB() / 2
@@ -82,8 +94,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg.KeepAlive = 10 * time.Minute
 	}
 	if cfg.RunDir == "" {
-		sum := sha256.Sum256([]byte(cfg.DataDir))
-		cfg.RunDir = filepath.Join("/run/skiff", hex.EncodeToString(sum[:6]))
+		cfg.RunDir = filepath.Join("/run/skiff", tag)
 	}
 	if err := os.MkdirAll(filepath.Dir(cfg.RunDir), 0o711); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(cfg.RunDir), err)
@@ -170,7 +181,25 @@ func (a *Agent) Status(context.Context, *connect.Request[skiffv1.StatusRequest])
 func (a *Agent) Close(ctx context.Context) error {
 	a.cancel()
 	<-a.done
-	return errors.Join(a.mgr.Close(ctx), a.jail.Close())
+	err := errors.Join(a.mgr.Close(ctx), a.jail.Close())
+	removeEmptyDirs(a.cfg.RunDir)
+	return err
+}
+
+// removeEmptyDirs removes dir and the empty directories below it, deepest
+// first. It only ever calls rmdir: a directory that still holds a file or
+// a mount (which a bug could leave) stays, and nothing below it is touched.
+func removeEmptyDirs(dir string) {
+	var dirs []string
+	_ = filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err == nil && d.IsDir() {
+			dirs = append(dirs, p)
+		}
+		return nil
+	})
+	for i := len(dirs) - 1; i >= 0; i-- {
+		_ = syscall.Rmdir(dirs[i])
+	}
 }
 
 // jailLauncher adapts vmm/jail to the sandbox pool.

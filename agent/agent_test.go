@@ -108,6 +108,9 @@ func TestNoLeaks(t *testing.T) {
 	if left := sandboxCgroups(t, "skiff-leaktest"); len(left) != 0 {
 		t.Errorf("cgroups left: %v", left)
 	}
+	if _, err := os.Stat(a.cfg.RunDir); !os.IsNotExist(err) {
+		t.Errorf("run dir %s still there after Close (%v)", a.cfg.RunDir, err)
+	}
 }
 
 func countFDs(t *testing.T) int {

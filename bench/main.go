@@ -1,0 +1,188 @@
+// Command bench is `make bench`: in one run on one machine it measures
+// skiff's cold start, warm invoke latency, throughput and agent memory per
+// idle sandbox with `skiff dev` running in this process, measures the same
+// echo function under the AWS Lambda Runtime Interface Emulator as the
+// peer, and prints a table with the skiff/emulator ratio and the issue's
+// targets (also written as markdown to -out). It reports and does not
+// judge: a missed target still exits 0; only a failure to measure does not.
+// It needs root (sandboxes are namespace jails).
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"time"
+
+	"skiff.dev/skiff/vmm/jail"
+)
+
+func main() {
+	// Sandboxes start as a re-exec of this binary (the jail's init).
+	if jail.IsInit() {
+		jail.InitMain()
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	err := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	stop()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "bench:", err)
+		os.Exit(1)
+	}
+}
+
+// config is the command line.
+type config struct {
+	out        string
+	cold       int
+	warm       int
+	warmup     int
+	rounds     int
+	duration   time.Duration
+	idle       int
+	rie        string
+	cpuprofile string
+	coldprof   string
+	acceptGzip bool
+	timeout    time.Duration
+}
+
+func parseFlags(args []string, stderr io.Writer) (config, error) {
+	var c config
+	fs := flag.NewFlagSet("bench", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.out, "out", "", "also write the report as markdown to this file")
+	fs.IntVar(&c.cold, "cold", 100, "cold starts to measure")
+	fs.IntVar(&c.warm, "warm", 2000, "sequential warm invokes to measure (skiff and the emulator)")
+	fs.IntVar(&c.warmup, "warmup", 200, "unmeasured warm invokes first")
+	fs.IntVar(&c.rounds, "rounds", 10, "rounds the warm invokes are split in, alternating skiff and the emulator")
+	fs.DurationVar(&c.duration, "duration", 3*time.Second, "duration of each throughput level")
+	fs.IntVar(&c.idle, "idle", 50, "idle sandboxes for the memory measurement")
+	fs.StringVar(&c.rie, "rie", "", "aws-lambda-rie binary (default bin/tools/aws-lambda-rie, then PATH)")
+	fs.StringVar(&c.cpuprofile, "cpuprofile", "", "write a CPU profile of the measured warm invokes (skiff's and the emulator client's) to this file")
+	fs.StringVar(&c.coldprof, "coldprofile", "", "write a CPU profile of skiff's cold start phase (creates and deletes included) to this file")
+	fs.BoolVar(&c.acceptGzip, "accept-gzip", true, "let the Connect client accept gzip responses, as connect-go's does by default (false: the server sends them uncompressed)")
+	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
+	if fs.NArg() > 0 {
+		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if c.cold < 1 || c.warm < 1 || c.warmup < 0 || c.idle < 1 || c.rounds < 1 || c.duration <= 0 {
+		return c, errors.New("-cold, -warm, -idle, -rounds and -duration must be positive")
+	}
+	return c, nil
+}
+
+func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err error) {
+	cfg, err := parseFlags(args, stderr)
+	if err != nil {
+		return err
+	}
+	if os.Geteuid() != 0 {
+		return errors.New("needs root: skiff's sandboxes are namespace jails")
+	}
+	ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+	defer cancel()
+	began := time.Now()
+	progress := func(phase string) {
+		fmt.Fprintf(stderr, "bench: [%5.1fs] %s\n", time.Since(began).Seconds(), phase)
+	}
+	res := &results{when: began, kernel: kernelRelease(), load: loadAverage(), cpus: runtime.NumCPU(), goVersion: runtime.Version(), cfg: cfg}
+
+	repo, err := repoRoot(ctx)
+	if err != nil {
+		return err
+	}
+	rie, err := findRIE(cfg.rie, repo)
+	if err != nil {
+		return err
+	}
+	work, err := os.MkdirTemp("", "skiff-bench-fn-")
+	if err != nil {
+		return err
+	}
+	defer func() { err = errors.Join(err, os.RemoveAll(work)) }()
+	progress("building the echo function")
+	fn, err := buildFunction(ctx, repo, work)
+	if err != nil {
+		return err
+	}
+
+	// The peer first, so that a missing emulator fails the run early. It
+	// idles while skiff's cold starts run, and its warm invokes alternate
+	// with skiff's.
+	progress("emulator: starting " + filepath.Base(rie) + ", first invoke (starts the runtime)")
+	em, err := startRIE(ctx, rie, fn)
+	if err != nil {
+		return fmt.Errorf("emulator: %w", err)
+	}
+	defer func() {
+		progress("emulator: stopping")
+		err = errors.Join(err, em.close())
+	}()
+	if res.rie.first, err = em.invoke(ctx); err != nil {
+		return fmt.Errorf("emulator: first invoke: %w", err)
+	}
+
+	if err := benchSkiff(ctx, cfg, fn, em, res, progress); err != nil {
+		return fmt.Errorf("skiff: %w", err)
+	}
+	res.took = time.Since(began)
+
+	if err := res.writeMarkdown(stdout); err != nil {
+		return err
+	}
+	if cfg.out != "" {
+		if err := res.writeFile(cfg.out); err != nil {
+			return fmt.Errorf("writing %s: %w", cfg.out, err)
+		}
+		progress("wrote " + cfg.out)
+	}
+	return nil
+}
+
+// benchSkiff starts skiff dev and runs its phases in an order that keeps
+// them apart: cold starts, warm latency, idle memory (whose sandboxes are
+// retired after), throughput.
+func benchSkiff(ctx context.Context, cfg config, fn *function, em *emulator, res *results, progress func(string)) (err error) {
+	progress("skiff: starting skiff dev")
+	s, err := startSkiff(ctx, cfg.acceptGzip)
+	if err != nil {
+		return err
+	}
+	defer func() {
+		progress("skiff: stopping skiff dev (closing its sandboxes)")
+		err = errors.Join(err, s.close())
+	}()
+
+	progress(fmt.Sprintf("skiff: cold starts (%d functions)", cfg.cold))
+	if res.cold, err = s.benchCold(ctx, fn, cfg.cold, cfg.coldprof); err != nil {
+		return err
+	}
+
+	const name = "echo"
+	if err := s.createFunction(ctx, name, fn); err != nil {
+		return err
+	}
+	progress(fmt.Sprintf("warm invokes, skiff and emulator alternating (%d warm-up, %d measured, %d rounds)", cfg.warmup, cfg.warm, cfg.rounds))
+	if res.warm, res.rie.warm, err = s.benchWarm(ctx, name, em, cfg.warmup, cfg.warm, cfg.rounds, cfg.cpuprofile); err != nil {
+		return err
+	}
+
+	progress(fmt.Sprintf("skiff: memory of %d idle sandboxes", cfg.idle))
+	if res.memory, err = s.benchMemory(ctx, fn, cfg.idle); err != nil {
+		return err
+	}
+
+	res.throughput, err = s.benchThroughput(ctx, name, []int{1, 8, 64}, cfg.duration, progress)
+	return err
+}
