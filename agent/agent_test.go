@@ -90,13 +90,13 @@ func TestNoLeaks(t *testing.T) {
 	}
 	// While the agent runs, only its pool of pre-started jail inits may
 	// remain; after Close, nothing.
-	if kids := children(t); len(kids) > jail.DefaultPoolSize {
+	if kids := testutil.ChildPIDs(os.Getpid()); len(kids) > jail.DefaultPoolSize {
 		t.Errorf("%d child processes with no sandboxes, want at most the %d pooled inits: %v", len(kids), jail.DefaultPoolSize, kids)
 	}
 	if err := a.Close(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if kids := children(t); len(kids) != 0 {
+	if kids := testutil.ChildPIDs(os.Getpid()); len(kids) != 0 {
 		t.Errorf("child processes left after Close: %v", kids)
 	}
 	if fds := countFDs(t); fds > baseFDs+2 {
@@ -127,31 +127,6 @@ func countMounts(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return strings.Count(string(b), "\n")
-}
-
-// children lists the pids whose parent is this process.
-func children(t *testing.T) []int {
-	self := os.Getpid()
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-		if len(fields) > 1 {
-			if ppid, _ := strconv.Atoi(fields[1]); ppid == self {
-				out = append(out, pid)
-			}
-		}
-	}
-	return out
 }
 
 // sandboxCgroups lists cgroup directories below any directory named name

@@ -12,6 +12,7 @@ import (
 	"connectrpc.com/connect"
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/internal/testutil"
 )
 
 // TestCrashRecovery kills `skiff dev` with SIGKILL while a sandbox runs: the
@@ -28,7 +29,7 @@ func TestCrashRecovery(t *testing.T) {
 	waitFor(t, 20*time.Second, "the long invoke to run", func() bool {
 		return d.metric(t, `skiff_function_concurrent_executions{function="survivor"}`) >= 1
 	})
-	kids := childrenOf(d.cmd.Process.Pid)
+	kids := testutil.ChildPIDs(d.cmd.Process.Pid)
 	if len(kids) == 0 {
 		t.Fatal("no sandbox processes found under skiff dev")
 	}
@@ -70,29 +71,6 @@ func TestCrashRecovery(t *testing.T) {
 	if r := mustInvoke(t, c2, "survivor", `{"back":true}`); string(r.Payload) != `{"back":true}` {
 		t.Fatalf("invoke after restart: %s", r.Payload)
 	}
-}
-
-func childrenOf(parent int) []int {
-	ents, _ := os.ReadDir("/proc")
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "stat"))
-		if err != nil {
-			continue
-		}
-		s := string(b)
-		fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
-		if len(fields) > 1 {
-			if ppid, _ := strconv.Atoi(fields[1]); ppid == parent {
-				out = append(out, pid)
-			}
-		}
-	}
-	return out
 }
 
 func alive(pid int) bool {
