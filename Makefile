@@ -37,14 +37,20 @@ bench: build
 tools:
 	cd tools && $(GO) build -o $(TOOLS)/ github.com/bufbuild/buf/cmd/buf google.golang.org/protobuf/cmd/protoc-gen-go connectrpc.com/connect/cmd/protoc-gen-connect-go honnef.co/go/tools/cmd/staticcheck
 
+# The eBPF objects need clang and llvm-strip: installed from Debian when
+# missing (as root). Regenerated objects are byte-identical for one clang
+# version (Debian 12's clang 14 here and in CI).
 generate: tools
 	find api/gen -name "*.pb.go" -delete -o -name "*.connect.go" -delete
 	cd api && PATH=$(TOOLS):$$PATH buf generate
+	command -v clang >/dev/null && command -v llvm-strip >/dev/null || { apt-get update -qq && apt-get install -y -qq clang llvm; }
+	rm -f ebpf/*_bpfel.go ebpf/*_bpfel.o
+	cd ebpf && $(GO) generate ./...
 
 # Fails when the committed generated code is not what `make generate` makes.
 check-generate: generate
-	@git diff --exit-code --stat -- api/gen || { echo "generated code is stale: run make generate and commit"; exit 1; }
-	@test -z "$$(git status --porcelain -- api/gen)" || { echo "untracked generated files: run make generate and commit"; exit 1; }
+	@git diff --exit-code --stat -- api/gen ':(glob)ebpf/*_bpfel.*' || { echo "generated code is stale: run make generate and commit"; exit 1; }
+	@test -z "$$(git status --porcelain -- api/gen ':(glob)ebpf/*_bpfel.*')" || { echo "untracked generated files: run make generate and commit"; exit 1; }
 
 lint: tools
 	$(GO) vet ./...
