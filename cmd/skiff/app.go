@@ -89,7 +89,8 @@ func (a *app) rootCmd() *cobra.Command {
 		Long: `skiff runs functions packaged as AWS Lambda zips in namespace jails.
 
 Start a single-machine server with 'skiff dev', then manage functions with
-'skiff fn', run them with 'skiff invoke' and read their logs with 'skiff logs'.`,
+'skiff fn', run them with 'skiff invoke' and read their logs with 'skiff logs'.
+'skiff queue' manages message queues and 'skiff esm' maps queues to functions.`,
 		Args:                  cobra.ArbitraryArgs,
 		RunE:                  groupRun,
 		DisableFlagsInUseLine: true,
@@ -110,6 +111,8 @@ Start a single-machine server with 'skiff dev', then manage functions with
 		a.logsCmd(),
 		a.keyCmd(),
 		a.concurrencyCmd(),
+		a.queueCmd(),
+		a.esmCmd(),
 		a.versionCmd(),
 	)
 	return root

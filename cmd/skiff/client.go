@@ -47,6 +47,8 @@ type clients struct {
 	invoke skiffv1connect.InvokeServiceClient
 	keys   skiffv1connect.KeyServiceClient
 	logs   skiffv1connect.LogServiceClient
+	queues skiffv1connect.QueueServiceClient
+	esm    skiffv1connect.EventSourceServiceClient
 }
 
 // dial resolves the endpoint and the API key and builds the clients. It
@@ -78,6 +80,8 @@ func (a *app) dial() (*clients, error) {
 		invoke: skiffv1connect.NewInvokeServiceClient(hc, endpoint, opts...),
 		keys:   skiffv1connect.NewKeyServiceClient(hc, endpoint, opts...),
 		logs:   skiffv1connect.NewLogServiceClient(hc, endpoint, opts...),
+		queues: skiffv1connect.NewQueueServiceClient(hc, endpoint, opts...),
+		esm:    skiffv1connect.NewEventSourceServiceClient(hc, endpoint, opts...),
 	}, nil
 }
 

@@ -417,7 +417,8 @@ func TestDev(t *testing.T) {
 			t.Fatalf("exit code %d, want 0; stderr: %s", r.code, r.stderr)
 		}
 		if got.DataDir != "/var/lib/skiff" || got.Listen != "127.0.0.1:7070" || got.KeepAlive != 10*time.Minute ||
-			got.SandboxMemoryMB != 0 || got.Deploy != nil || got.Logger == nil || got.Stdout == nil {
+			got.SandboxMemoryMB != 0 || got.Deploy != nil || got.Logger == nil || got.Stdout == nil ||
+			got.AsyncDurability != "always" || got.AsyncRetryDelay != time.Minute {
 			t.Errorf("got config %+v, want the defaults", got)
 		}
 	})
@@ -426,12 +427,12 @@ func TestDev(t *testing.T) {
 		var got devConfig
 		c.dev = func(_ context.Context, cfg devConfig) error { got = cfg; return nil }
 		r := c.run("dev", "--data-dir", "/d", "--listen", "127.0.0.1:0", "--deploy", "hello=h.zip", "--deploy", "b=x=y.zip",
-			"--keep-alive", "90s", "--sandbox-memory", "2048")
+			"--keep-alive", "90s", "--sandbox-memory", "2048", "--async-durability", "interval", "--async-retry-delay", "1s")
 		if r.code != 0 {
 			t.Fatalf("exit code %d, want 0; stderr: %s", r.code, r.stderr)
 		}
 		want := devConfig{DataDir: "/d", Listen: "127.0.0.1:0", Deploy: map[string]string{"hello": "h.zip", "b": "x=y.zip"},
-			KeepAlive: 90 * time.Second, SandboxMemoryMB: 2048}
+			KeepAlive: 90 * time.Second, SandboxMemoryMB: 2048, AsyncDurability: "interval", AsyncRetryDelay: time.Second}
 		got.Logger, got.Stdout = nil, nil
 		if d := cmp.Diff(want, got, cmp.AllowUnexported(devConfig{})); d != "" {
 			t.Errorf("config (-want +got):\n%s", d)
@@ -452,6 +453,8 @@ func TestDev(t *testing.T) {
 		{"dev", "--deploy", "a=1.zip", "--deploy", "a=2.zip"},
 		{"dev", "--keep-alive", "0s"},
 		{"dev", "--log-level", "loud"},
+		{"dev", "--async-durability", "sometimes"},
+		{"dev", "--async-retry-delay", "0s"},
 		{"dev", "extra"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {

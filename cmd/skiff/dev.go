@@ -21,6 +21,8 @@ type devConfig struct {
 	Deploy          map[string]string // function name -> zip file or directory
 	KeepAlive       time.Duration
 	SandboxMemoryMB int
+	AsyncDurability string
+	AsyncRetryDelay time.Duration
 	Logger          *slog.Logger
 	Stdout          io.Writer
 }
@@ -29,7 +31,8 @@ type devConfig struct {
 func runDevServer(ctx context.Context, c devConfig) error {
 	return devserver.Run(ctx, devserver.Config{
 		DataDir: c.DataDir, Listen: c.Listen, Deploy: c.Deploy, KeepAlive: c.KeepAlive,
-		SandboxMemoryMB: c.SandboxMemoryMB, Logger: c.Logger, Stdout: c.Stdout,
+		SandboxMemoryMB: c.SandboxMemoryMB, AsyncDurability: c.AsyncDurability, AsyncRetryDelay: c.AsyncRetryDelay,
+		Logger: c.Logger, Stdout: c.Stdout,
 	})
 }
 
@@ -65,6 +68,12 @@ func (a *app) devCmd() *cobra.Command {
 			if cfg.SandboxMemoryMB < 0 {
 				return usagef(c, "--sandbox-memory must not be negative")
 			}
+			if cfg.AsyncDurability != "always" && cfg.AsyncDurability != "interval" {
+				return usagef(c, "invalid --async-durability %q: want always or interval", cfg.AsyncDurability)
+			}
+			if cfg.AsyncRetryDelay <= 0 {
+				return usagef(c, "--async-retry-delay must be positive")
+			}
 			var err error
 			if cfg.Deploy, err = parseDeploy(deploy); err != nil {
 				return usageErr(c, err)
@@ -84,6 +93,8 @@ func (a *app) devCmd() *cobra.Command {
 	fl.StringArrayVar(&deploy, "deploy", nil, "create or update function NAME at start from a zip or a directory: NAME=ZIP|DIR (repeatable)")
 	fl.DurationVar(&cfg.KeepAlive, "keep-alive", 10*time.Minute, "how long an idle sandbox stays warm")
 	fl.IntVar(&cfg.SandboxMemoryMB, "sandbox-memory", 0, "memory in MB for all sandboxes together (default half the host's)")
+	fl.StringVar(&cfg.AsyncDurability, "async-durability", "always", "when an async event is acknowledged: always (after fsync) or interval (after the engine's periodic sync; a host crash can lose the last ~2 minutes)")
+	fl.DurationVar(&cfg.AsyncRetryDelay, "async-retry-delay", time.Minute, "base delay before retrying a failed async event (then twice that), as Lambda's ~1 and ~2 minutes")
 	fl.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return c
 }

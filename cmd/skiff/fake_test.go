@@ -26,17 +26,21 @@ type fakeServer struct {
 	inv *fakeInvoke
 	key *fakeKeys
 	log *fakeLogs
+	q   *fakeQueues
+	esm *fakeESM
 }
 
 func newFakeServer(t *testing.T) *fakeServer {
 	t.Helper()
-	s := &fakeServer{fn: &fakeFunctions{}, inv: &fakeInvoke{}, key: &fakeKeys{}, log: &fakeLogs{}}
+	s := &fakeServer{fn: &fakeFunctions{}, inv: &fakeInvoke{}, key: &fakeKeys{}, log: &fakeLogs{}, q: &fakeQueues{}, esm: &fakeESM{}}
 	opts := connect.WithInterceptors(errs.Interceptor())
 	mux := http.NewServeMux()
 	mux.Handle(skiffv1connect.NewFunctionServiceHandler(s.fn, opts))
 	mux.Handle(skiffv1connect.NewInvokeServiceHandler(s.inv, opts))
 	mux.Handle(skiffv1connect.NewKeyServiceHandler(s.key, opts))
 	mux.Handle(skiffv1connect.NewLogServiceHandler(s.log, opts))
+	mux.Handle(skiffv1connect.NewQueueServiceHandler(s.q, opts))
+	mux.Handle(skiffv1connect.NewEventSourceServiceHandler(s.esm, opts))
 	srv := httptest.NewUnstartedServer(mux)
 	srv.Config.Protocols = new(http.Protocols)
 	srv.Config.Protocols.SetHTTP1(true)

@@ -38,7 +38,7 @@ func (a *app) fnCmd() *cobra.Command {
 		// A group: its usage line has no flags of its own.
 		DisableFlagsInUseLine: true,
 	}
-	c.AddCommand(a.fnCreateCmd(), a.fnUpdateCodeCmd(), a.fnUpdateConfigCmd(), a.fnGetCmd(), a.fnListCmd(), a.fnDeleteCmd())
+	c.AddCommand(a.fnCreateCmd(), a.fnUpdateCodeCmd(), a.fnUpdateConfigCmd(), a.fnGetCmd(), a.fnListCmd(), a.fnDeleteCmd(), a.fnEventConfigCmd())
 	return c
 }
 
@@ -111,6 +111,8 @@ type configFlags struct {
 	runtime, handler, description string
 	memory, timeout, storage      int32
 	env                           []string
+	network                       string
+	allow, deny                   []string
 }
 
 func (f *configFlags) register(c *cobra.Command, create bool) {
@@ -126,6 +128,9 @@ func (f *configFlags) register(c *cobra.Command, create bool) {
 	fl.Int32Var(&f.storage, "ephemeral-storage", 0, "size of /tmp in MB, 512-10240 (default 512)")
 	fl.StringArrayVar(&f.env, "env", nil, "environment variable K=V (repeatable)")
 	fl.StringVar(&f.description, "description", "", "description")
+	fl.StringVar(&f.network, "network", "", "network access: egress (default: reach the internet) or none (loopback only)")
+	fl.StringArrayVar(&f.allow, "allow", nil, "with egress, also allow CIDR[:PORT|:LOW-HIGH], e.g. private ranges or host services (repeatable)")
+	fl.StringArrayVar(&f.deny, "deny", nil, "with egress, deny CIDR[:PORT|:LOW-HIGH]; deny wins (repeatable)")
 }
 
 func (f *configFlags) config(c *cobra.Command) (*skiffv1.FunctionConfig, error) {
@@ -141,6 +146,9 @@ func (f *configFlags) config(c *cobra.Command) (*skiffv1.FunctionConfig, error) 
 		EphemeralStorageMb: f.storage,
 		Environment:        env,
 		Description:        f.description,
+		Network:            f.network,
+		NetworkAllow:       f.allow,
+		NetworkDeny:        f.deny,
 	}, nil
 }
 
@@ -300,13 +308,16 @@ func (a *app) fnUpdateConfigCmd() *cobra.Command {
 				{"ephemeral-storage", "ephemeral_storage_mb"},
 				{"env", "environment"},
 				{"description", "description"},
+				{"network", "network"},
+				{"allow", "network_allow"},
+				{"deny", "network_deny"},
 			} {
 				if c.Flags().Changed(m.flag) {
 					mask = append(mask, m.field)
 				}
 			}
 			if len(mask) == 0 {
-				return usagef(c, "nothing to update: give at least one of --handler, --memory, --timeout, --ephemeral-storage, --env, --description")
+				return usagef(c, "nothing to update: give at least one of --handler, --memory, --timeout, --ephemeral-storage, --env, --description, --network, --allow, --deny")
 			}
 			cl, err := a.dial()
 			if err != nil {

@@ -305,6 +305,11 @@ func TestFnUpdateConfigMask(t *testing.T) {
 			&skiffv1.FunctionConfig{TimeoutSeconds: 30, EphemeralStorageMb: 2048, Environment: map[string]string{"A": "1"}},
 		},
 		{"handler", []string{"--handler", "h"}, []string{"handler"}, &skiffv1.FunctionConfig{Handler: "h"}},
+		{
+			"network", []string{"--network", "egress", "--allow", "10.0.0.0/8:5432", "--allow", "192.168.1.1", "--deny", "1.2.3.4/32"},
+			[]string{"network", "network_allow", "network_deny"},
+			&skiffv1.FunctionConfig{Network: "egress", NetworkAllow: []string{"10.0.0.0/8:5432", "192.168.1.1"}, NetworkDeny: []string{"1.2.3.4/32"}},
+		},
 		// Setting a value to zero is still a change the mask must carry.
 		{"explicit zero", []string{"--memory", "0"}, []string{"memory_mb"}, &skiffv1.FunctionConfig{}},
 	}

@@ -1,6 +1,7 @@
 // Command skiff is the one skiff binary: the command line client of a skiff
-// gateway (functions, invoke, logs, API keys, concurrency) and `skiff dev`,
-// which runs a gateway and an agent in one process on this machine.
+// gateway (functions, invoke, logs, API keys, concurrency, queues, event
+// source mappings) and `skiff dev`, which runs a gateway and an agent in one
+// process on this machine.
 //
 // main is thin: everything happens in run, which tests drive in-process.
 package main

@@ -59,6 +59,15 @@ func (a *app) writeFunction(f *skiffv1.Function) error {
 	t.row("Memory:", mb(c.GetMemoryMb()))
 	t.row("Timeout:", strconv.Itoa(int(c.GetTimeoutSeconds()))+" s")
 	t.row("Ephemeral storage:", mb(c.GetEphemeralStorageMb()))
+	if c.GetNetwork() != "" {
+		t.row("Network:", c.GetNetwork())
+	}
+	for _, r := range c.GetNetworkAllow() {
+		t.row("Allow:", r)
+	}
+	for _, r := range c.GetNetworkDeny() {
+		t.row("Deny:", r)
+	}
 	t.row("Code size:", strconv.FormatInt(f.GetCodeSize(), 10)+" bytes")
 	t.row("Code SHA-256:", f.GetCodeSha256())
 	t.row("Reserved concurrency:", reserved(f))

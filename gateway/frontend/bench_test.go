@@ -50,7 +50,7 @@ func BenchmarkInvokeInProcess(b *testing.B) {
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
-			if _, err := e.f.invoke(ctx, m); err != nil {
+			if _, err := e.f.invoke(ctx, m, ""); err != nil {
 				b.Fatal(err)
 			}
 		}

@@ -4,6 +4,12 @@
 // input field, and concurrency admission (account limit and per-function
 // reserved concurrency) in front of the worker manager (gateway/router).
 //
+// EVENT invokes are accepted into the async queues (the Async interface,
+// gateway/async) and answered 202 once stored; the event invoke config
+// RPCs validate and store through the same interface. InvokeSync is the
+// unauthenticated in-process entry of the async and event source pollers
+// into the same admission and router path.
+//
 // Storage and the worker manager are reached through the small Store and
 // Router interfaces declared here; the composition root wires the real
 // gateway/store and gateway/router implementations.
@@ -97,6 +103,17 @@ type Config struct {
 	// ValidateCode checks a code archive and reports whether it has an
 	// executable bootstrap at its root. nil accepts every archive.
 	ValidateCode func(zip []byte) (hasBootstrap bool, err error)
+	// Async accepts EVENT invokes and stores event invoke configs; nil
+	// disables both (EVENT invokes are then invalid).
+	Async Async
+	// Destinations checks event destinations when an event invoke config
+	// is set; nil refuses configs that name destinations.
+	Destinations DestinationValidator
+	// Queues and EventSources serve QueueService and EventSourceService
+	// behind the same authentication (admin keys only) and error mapping;
+	// nil leaves a service unmounted.
+	Queues       skiffv1connect.QueueServiceHandler
+	EventSources skiffv1connect.EventSourceServiceHandler
 	// LogQueue is the capacity of the log shipping queue (default 4096).
 	LogQueue int
 	// Registry receives the metrics (a private one when nil).
@@ -213,6 +230,12 @@ func New(cfg Config, st Store, rt Router) (*Frontend, error) {
 	return f, nil
 }
 
+// SetEventSources sets the EventSourceService handler before Mount, for
+// wiring where the handler needs the front end itself (its InvokeSync).
+func (f *Frontend) SetEventSources(h skiffv1connect.EventSourceServiceHandler) {
+	f.cfg.EventSources = h
+}
+
 // compressMinBytes is the smallest response the server compresses.
 const compressMinBytes = 4 << 10
 
@@ -227,7 +250,7 @@ func (f *Frontend) Mount(mux *http.ServeMux) {
 		connect.WithInterceptors(errs.Interceptor(), &authInterceptor{f: f}),
 		connect.WithCompressMinBytes(compressMinBytes),
 	)
-	mux.Handle(skiffv1connect.NewFunctionServiceHandler(&functionService{f}, icpt, connect.WithReadMaxBytes(MaxRequestBytes)))
+	mux.Handle(skiffv1connect.NewFunctionServiceHandler(&functionService{f: f}, icpt, connect.WithReadMaxBytes(MaxRequestBytes)))
 	mux.Handle(skiffv1connect.NewInvokeServiceHandler(&invokeService{f}, icpt, connect.WithReadMaxBytes(2*f.cfg.MaxSyncPayload+1<<20)))
 	mux.Handle(skiffv1connect.NewKeyServiceHandler(&keyService{f}, icpt, connect.WithReadMaxBytes(controlReadMax)))
 	mux.Handle(skiffv1connect.NewLogServiceHandler(&logService{f}, icpt, connect.WithReadMaxBytes(controlReadMax)))
@@ -236,6 +259,15 @@ func (f *Frontend) Mount(mux *http.ServeMux) {
 		skiffv1connect.InvokeServiceName,
 		skiffv1connect.KeyServiceName,
 		skiffv1connect.LogServiceName,
+	}
+	if f.cfg.Queues != nil {
+		// Batches hold at most 256 KB of bodies; leave room for framing.
+		mux.Handle(skiffv1connect.NewQueueServiceHandler(f.cfg.Queues, icpt, connect.WithReadMaxBytes(1<<20)))
+		services = append(services, skiffv1connect.QueueServiceName)
+	}
+	if f.cfg.EventSources != nil {
+		mux.Handle(skiffv1connect.NewEventSourceServiceHandler(f.cfg.EventSources, icpt, connect.WithReadMaxBytes(controlReadMax)))
+		services = append(services, skiffv1connect.EventSourceServiceName)
 	}
 	mux.Handle(grpchealth.NewHandler(grpchealth.NewStaticChecker(services...)))
 	reflector := grpcreflect.NewStaticReflector(services...)

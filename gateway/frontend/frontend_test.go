@@ -25,6 +25,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
@@ -50,7 +51,7 @@ func TestFunctionLifecycle(t *testing.T) {
 			Arn:  "arn:aws:lambda:local:000000000000:function:hello",
 			Config: &skiffv1.FunctionConfig{
 				Runtime: "provided", Handler: "bootstrap", MemoryMb: 256, TimeoutSeconds: 3, EphemeralStorageMb: 512,
-				Environment: map[string]string{"GREETING": "hi"}, Description: "says hi",
+				Environment: map[string]string{"GREETING": "hi"}, Description: "says hi", Network: "egress",
 			},
 			CodeSha256:   hex.EncodeToString(sum[:]),
 			CodeSize:     int64(len(zip1)),
@@ -400,6 +401,13 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{name: "memory too small", call: create("new", &skiffv1.FunctionConfig{MemoryMb: 127}), field: "memory_mb"},
 		{name: "memory too large", call: create("new", &skiffv1.FunctionConfig{MemoryMb: 10241}), field: "memory_mb"},
 		{name: "memory negative", call: create("new", &skiffv1.FunctionConfig{MemoryMb: -1}), field: "memory_mb"},
+		{name: "network unknown", call: create("new", &skiffv1.FunctionConfig{Network: "bridge"}), field: "network"},
+		{name: "allow with network none", call: create("new", &skiffv1.FunctionConfig{Network: "none", NetworkAllow: []string{"10.0.0.0/8"}}), field: "network_allow"},
+		{name: "deny with network none", call: create("new", &skiffv1.FunctionConfig{Network: "none", NetworkDeny: []string{"10.0.0.0/8"}}), field: "network_deny"},
+		{name: "allow not a cidr", call: create("new", &skiffv1.FunctionConfig{NetworkAllow: []string{"10.0.0.0/33"}}), field: "network_allow"},
+		{name: "deny ipv6", call: create("new", &skiffv1.FunctionConfig{NetworkDeny: []string{"::1/128"}}), field: "network_deny"},
+		{name: "allow bad port", call: create("new", &skiffv1.FunctionConfig{NetworkAllow: []string{"1.2.3.4:0"}}), field: "network_allow"},
+		{name: "allow too many", call: create("new", &skiffv1.FunctionConfig{NetworkAllow: manyRules(65)}), field: "network_allow"},
 		{name: "timeout too long", call: create("new", &skiffv1.FunctionConfig{TimeoutSeconds: 901}), field: "timeout_seconds"},
 		{name: "timeout negative", call: create("new", &skiffv1.FunctionConfig{TimeoutSeconds: -1}), field: "timeout_seconds"},
 		{name: "storage too small", call: create("new", &skiffv1.FunctionConfig{EphemeralStorageMb: 511}), field: "ephemeral_storage_mb"},
@@ -665,7 +673,7 @@ func TestAdmissionNeverExceedsReserved(t *testing.T) {
 	for range 32 {
 		wg.Go(func() {
 			for range 50 {
-				_, err := e.f.invoke(context.Background(), &skiffv1.InvokeRequest{FunctionName: "hot"})
+				_, err := e.f.invoke(context.Background(), &skiffv1.InvokeRequest{FunctionName: "hot"}, "")
 				if err != nil && !errs.IsThrottled(err) {
 					t.Errorf("invoke: %v", err)
 				}
@@ -735,7 +743,7 @@ func TestInvoke(t *testing.T) {
 		wantSpec := &skiffv1.SandboxSpec{
 			FunctionName: "echo", FunctionArn: "arn:aws:lambda:local:000000000000:function:echo", Version: "$LATEST",
 			ConfigKey: configKey(fn), CodeSha256: fn.CodeSha256, Runtime: "provided", Handler: "my.handler",
-			MemoryMb: 512, TimeoutSeconds: 7, EphemeralStorageMb: 512, Environment: map[string]string{"K": "v"},
+			MemoryMb: 512, TimeoutSeconds: 7, EphemeralStorageMb: 512, Environment: map[string]string{"K": "v"}, Network: "egress",
 		}
 		if diff := cmp.Diff(wantSpec, req.Spec, protocmp.Transform()); diff != "" {
 			t.Errorf("sandbox spec (-want +got):\n%s", diff)
@@ -1156,4 +1164,41 @@ func gaugeValue(t *testing.T, reg *prometheus.Registry, name string, labels map[
 		return 0
 	}
 	return m.GetGauge().GetValue()
+}
+
+func manyRules(n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("10.0.%d.0/24", i)
+	}
+	return out
+}
+
+// TestSmallResponsesAreNotCompressed: gzipping a small invoke response
+// costs more CPU than the whole rest of the front end; only responses of
+// at least compressMinBytes are compressed.
+func TestSmallResponsesAreNotCompressed(t *testing.T) {
+	e := newEnv(t, Config{})
+	c := e.clients(e.admin)
+	ctx := testContext(t)
+	mustCreate(t, c, "echo", nil)
+	for _, size := range []int{64, 64 << 10} {
+		e.rt.setInvoke(func(_ context.Context, req *skiffv1.AgentInvokeRequest) (*skiffv1.AgentInvokeResponse, error) {
+			return &skiffv1.AgentInvokeResponse{Payload: bytes.Repeat([]byte("a"), size)}, nil
+		})
+		body, _ := proto.Marshal(&skiffv1.InvokeRequest{FunctionName: "echo"})
+		req, _ := http.NewRequestWithContext(ctx, http.MethodPost, e.url+"/skiff.v1.InvokeService/Invoke", bytes.NewReader(body))
+		req.Header.Set("Content-Type", "application/proto")
+		req.Header.Set("Accept-Encoding", "gzip")
+		req.Header.Set("Authorization", "Bearer "+e.admin)
+		resp, err := e.hc.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		gz := resp.Header.Get("Content-Encoding") == "gzip"
+		if want := size >= compressMinBytes; gz != want || resp.StatusCode != 200 {
+			t.Errorf("%d-byte response: status %d, gzip %v, want gzip %v", size, resp.StatusCode, gz, want)
+		}
+	}
 }

@@ -25,7 +25,9 @@ const (
 )
 
 // functionService implements skiffv1connect.FunctionServiceHandler.
-type functionService struct{ f *Frontend }
+type functionService struct {
+	f *Frontend
+}
 
 var _ skiffv1connect.FunctionServiceHandler = (*functionService)(nil)
 
@@ -193,6 +195,7 @@ func (s *functionService) DeleteFunction(ctx context.Context, req *connect.Reque
 	if err := s.f.st.DeleteFunction(ctx, name); err != nil {
 		return nil, err
 	}
+	s.f.deleteEventConfig(ctx, name)
 	// A deleted reservation returns to the unreserved pool.
 	s.f.adm.invalidate()
 	if st, ok := s.f.fns.Load(name); ok {

@@ -28,7 +28,7 @@ type invokeService struct{ f *Frontend }
 var _ skiffv1connect.InvokeServiceHandler = (*invokeService)(nil)
 
 func (s *invokeService) Invoke(ctx context.Context, req *connect.Request[skiffv1.InvokeRequest]) (*connect.Response[skiffv1.InvokeResponse], error) {
-	out, err := s.f.invoke(ctx, req.Msg)
+	out, err := s.f.invoke(ctx, req.Msg, req.Header().Get(AsyncRequestIDHeader))
 	if err != nil {
 		return nil, err
 	}
@@ -70,14 +70,21 @@ func (f *Frontend) specFor(st *fnState, fn *skiffv1.Function) *skiffv1.SandboxSp
 		TimeoutSeconds:     cfg.GetTimeoutSeconds(),
 		EphemeralStorageMb: cfg.GetEphemeralStorageMb(),
 		Environment:        env,
+		Network:            cfg.GetNetwork(),
+		NetworkAllow:       cfg.GetNetworkAllow(),
+		NetworkDeny:        cfg.GetNetworkDeny(),
+	}
+	if spec.Network == "" { // stored before network settings existed
+		spec.Network = NetworkEgress
 	}
 	st.spec.Store(&cachedSpec{fn: fn, revision: fn.GetRevision(), code: fn.GetCodeSha256(), modified: fn.GetLastModified(), spec: spec})
 	return spec
 }
 
-// invoke is the synchronous invoke path: validate, look the function up
-// (cached by the store), admit, run on the router, account, ship the log.
-func (f *Frontend) invoke(ctx context.Context, m *skiffv1.InvokeRequest) (*skiffv1.InvokeResponse, error) {
+// invoke validates an invoke and runs it synchronously or, for EVENT,
+// accepts it into the async queues. asyncID is the client's request id of
+// an EVENT invoke ("" for a new one).
+func (f *Frontend) invoke(ctx context.Context, m *skiffv1.InvokeRequest, asyncID string) (*skiffv1.InvokeResponse, error) {
 	name := m.GetFunctionName()
 	if err := validateName("function_name", name); err != nil {
 		return nil, err
@@ -90,8 +97,13 @@ func (f *Frontend) invoke(ctx context.Context, m *skiffv1.InvokeRequest) (*skiff
 	}
 	switch m.GetInvocationType() {
 	case skiffv1.InvocationType_INVOCATION_TYPE_UNSPECIFIED, skiffv1.InvocationType_INVOCATION_TYPE_REQUEST_RESPONSE, skiffv1.InvocationType_INVOCATION_TYPE_DRY_RUN:
+		if asyncID != "" {
+			return nil, errs.Invalid("request_id", "the %s header applies to EVENT invokes only", AsyncRequestIDHeader)
+		}
+	case skiffv1.InvocationType_INVOCATION_TYPE_EVENT:
+		return f.invokeEvent(ctx, m, asyncID)
 	default:
-		return nil, errs.Invalid("invocation_type", "invocation_type %d is not supported: use REQUEST_RESPONSE or DRY_RUN", m.GetInvocationType())
+		return nil, errs.Invalid("invocation_type", "invocation_type %d is not supported: use REQUEST_RESPONSE, EVENT or DRY_RUN", m.GetInvocationType())
 	}
 	switch m.GetLogType() {
 	case skiffv1.LogType_LOG_TYPE_UNSPECIFIED, skiffv1.LogType_LOG_TYPE_NONE, skiffv1.LogType_LOG_TYPE_TAIL:
@@ -109,7 +121,13 @@ func (f *Frontend) invoke(ctx context.Context, m *skiffv1.InvokeRequest) (*skiff
 	if m.GetInvocationType() == skiffv1.InvocationType_INVOCATION_TYPE_DRY_RUN {
 		return &skiffv1.InvokeResponse{StatusCode: 204, ExecutedVersion: latest, RequestId: rid}, nil
 	}
+	return f.runSync(ctx, fn, m, rid)
+}
 
+// runSync is the synchronous invoke path after validation: admit, run on
+// the router, account, ship the log.
+func (f *Frontend) runSync(ctx context.Context, fn *skiffv1.Function, m *skiffv1.InvokeRequest, rid string) (*skiffv1.InvokeResponse, error) {
+	name := fn.GetName()
 	st := f.state(name)
 	spec := f.specFor(st, fn)
 	t, err := f.adm.admit(ctx, name, st, fn.ReservedConcurrency)

@@ -8,6 +8,7 @@ import (
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/internal/netrule"
 )
 
 // Limits of a function's configuration, as Lambda's.
@@ -48,6 +49,7 @@ var runtimes = map[string]bool{"provided": true, "provided.al2": true, "provided
 var configFields = map[string]bool{
 	"runtime": true, "handler": true, "memory_mb": true, "timeout_seconds": true,
 	"ephemeral_storage_mb": true, "environment": true, "description": true,
+	"network": true, "network_allow": true, "network_deny": true,
 }
 
 // validateName checks a function name against Lambda's rule: 1-64 letters,
@@ -109,6 +111,9 @@ func normalizeConfig(c *skiffv1.FunctionConfig) (*skiffv1.FunctionConfig, error)
 		return nil, errs.Invalid("ephemeral_storage_mb", "ephemeral_storage_mb %d is outside %d-%d", out.EphemeralStorageMb, minEphemeralMB, maxEphemeralMB)
 	}
 	if err := validateEnv(out.Environment); err != nil {
+		return nil, err
+	}
+	if err := validateNetwork(out); err != nil {
 		return nil, err
 	}
 	if n := utf8.RuneCountInString(out.Description); n > maxDescription {
@@ -177,6 +182,9 @@ func mergeConfig(stored, upd *skiffv1.FunctionConfig, mask []string) (*skiffv1.F
 		set["ephemeral_storage_mb"] = upd.EphemeralStorageMb != 0
 		set["environment"] = len(upd.Environment) > 0
 		set["description"] = upd.Description != ""
+		set["network"] = upd.Network != ""
+		set["network_allow"] = len(upd.NetworkAllow) > 0
+		set["network_deny"] = len(upd.NetworkDeny) > 0
 	} else {
 		for _, m := range mask {
 			set[m] = true
@@ -204,6 +212,15 @@ func mergeConfig(stored, upd *skiffv1.FunctionConfig, mask []string) (*skiffv1.F
 	if set["description"] {
 		out.Description = upd.Description
 	}
+	if set["network"] {
+		out.Network = upd.Network
+	}
+	if set["network_allow"] {
+		out.NetworkAllow = upd.NetworkAllow
+	}
+	if set["network_deny"] {
+		out.NetworkDeny = upd.NetworkDeny
+	}
 	changed := false
 	for _, v := range set {
 		changed = changed || v
@@ -212,4 +229,37 @@ func mergeConfig(stored, upd *skiffv1.FunctionConfig, mask []string) (*skiffv1.F
 		return nil, errs.Invalid("config", "the update sets no field: set fields of config or name them in update_mask")
 	}
 	return normalizeConfig(out)
+}
+
+// Network settings.
+const (
+	NetworkEgress = "egress"
+	NetworkNone   = "none"
+)
+
+// validateNetwork defaults network to egress (Lambda functions reach the
+// internet) and checks the allow and deny lists with the same parser the
+// agent's eBPF policy is built from.
+func validateNetwork(c *skiffv1.FunctionConfig) error {
+	switch c.Network {
+	case "":
+		c.Network = NetworkEgress
+	case NetworkEgress, NetworkNone:
+	default:
+		return errs.Invalid("network", "network %q is not egress or none", c.Network)
+	}
+	if c.Network == NetworkNone && (len(c.NetworkAllow) > 0 || len(c.NetworkDeny) > 0) {
+		field := "network_allow"
+		if len(c.NetworkAllow) == 0 {
+			field = "network_deny"
+		}
+		return errs.Invalid(field, "%s needs network egress: a function with network none reaches nothing", field)
+	}
+	if _, err := netrule.ParseList(c.NetworkAllow); err != nil {
+		return errs.Invalid("network_allow", "network_allow: %v", err)
+	}
+	if _, err := netrule.ParseList(c.NetworkDeny); err != nil {
+		return errs.Invalid("network_deny", "network_deny: %v", err)
+	}
+	return nil
 }

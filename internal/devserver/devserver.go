@@ -25,12 +25,19 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"golang.org/x/sync/errgroup"
 
 	"skiff.dev/skiff/agent"
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
+	"skiff.dev/skiff/gateway/async"
+	"skiff.dev/skiff/gateway/destinations"
+	"skiff.dev/skiff/gateway/esm"
 	"skiff.dev/skiff/gateway/frontend"
+	"skiff.dev/skiff/gateway/lease"
+	"skiff.dev/skiff/gateway/queue"
 	"skiff.dev/skiff/gateway/router"
+	"skiff.dev/skiff/gateway/statemgr"
 	"skiff.dev/skiff/gateway/store"
 	"skiff.dev/skiff/internal/archive"
 	"skiff.dev/skiff/internal/zipdir"
@@ -43,6 +50,13 @@ type Config struct {
 	Deploy          map[string]string // function name → zip file or directory, created or updated at start
 	KeepAlive       time.Duration     // idle sandbox lifetime
 	SandboxMemoryMB int               // memory for sandboxes; default half the host's
+	// AsyncDurability is when an accepted async event is acknowledged:
+	// "always" (after fsync; the default) or "interval" (after the
+	// engine's periodic sync).
+	AsyncDurability string
+	// AsyncRetryDelay is the base delay before retrying a failed async
+	// event (Lambda's is about a minute, then twice that); default 1m.
+	AsyncRetryDelay time.Duration
 	Logger          *slog.Logger
 	Stdout          io.Writer
 	// Ready, when set, is called with the bound address once serving.
@@ -71,11 +85,16 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
-	st, err := store.Open(ctx, store.Config{DataDir: filepath.Join(cfg.DataDir, "store"), Logger: log})
+	durability, err := async.ParseDurability(cfg.AsyncDurability)
+	if err != nil {
+		return err
+	}
+	st, err := store.Open(ctx, store.Config{DataDir: filepath.Join(cfg.DataDir, "store"), Logger: log, SyncAlways: durability.SyncAlways()})
 	if err != nil {
 		return fmt.Errorf("opening storage: %w", err)
 	}
 	defer func() { err = errors.Join(err, st.Close()) }()
+	js := st.JetStream()
 
 	ag, err := agent.New(agent.Config{
 		DataDir:   filepath.Join(cfg.DataDir, "agent"),
@@ -98,8 +117,38 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+
+	// Async invoke: the accept path, customer queues, destinations and the
+	// leasing service the pollers hold their assignments with.
+	asyncSvc, err := async.New(ctx, js, async.Config{RetryDelay: cfg.AsyncRetryDelay, Registry: reg, Logger: log.With("component", "async")})
+	if err != nil {
+		return fmt.Errorf("starting async invoke: %w", err)
+	}
+	defer func() { err = errors.Join(err, asyncSvc.Close()) }()
+	leases, err := lease.New(ctx, js, lease.Config{Registry: reg, Logger: log.With("component", "lease")})
+	if err != nil {
+		return fmt.Errorf("starting the leasing service: %w", err)
+	}
+	queues, err := queue.New(ctx, js, queue.Config{Registry: reg, Logger: log.With("component", "queue")})
+	if err != nil {
+		return fmt.Errorf("starting queues: %w", err)
+	}
+	defer func() { err = errors.Join(err, queues.Close()) }()
+	signingKey, err := destinations.EnsureSigningKey(filepath.Join(cfg.DataDir, "webhook.key"))
+	if err != nil {
+		return fmt.Errorf("webhook signing key: %w", err)
+	}
+	dests, err := destinations.New(destinations.Config{SigningKey: signingKey, Registry: reg, Logger: log.With("component", "destinations")},
+		queues, async.DestinationInvoker{Service: asyncSvc, Functions: st})
+	if err != nil {
+		return fmt.Errorf("starting destinations: %w", err)
+	}
+
 	fe, err := frontend.New(frontend.Config{
 		ValidateCode: validateCode,
+		Async:        asyncSvc,
+		Destinations: dests,
+		Queues:       queues.Handler(),
 		Registry:     reg,
 		Logger:       log.With("component", "frontend"),
 	}, st, rt)
@@ -107,6 +156,34 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return fmt.Errorf("starting front end: %w", err)
 	}
 	defer func() { err = errors.Join(err, fe.Close()) }()
+
+	holder := "dev-" + hostID()
+	esmSvc, err := esm.New(ctx, js, esm.Config{Registry: reg, Logger: log.With("component", "esm")}, queues, functionExists{st}, fe, leases, holder+"/esm")
+	if err != nil {
+		return fmt.Errorf("starting event source mappings: %w", err)
+	}
+	defer func() { err = errors.Join(err, esmSvc.Close()) }()
+	fe.SetEventSources(esmSvc.Handler())
+	sm, err := statemgr.New(statemgr.Config{Registry: reg, Logger: log.With("component", "statemgr")}, asyncSvc, st, leases)
+	if err != nil {
+		return fmt.Errorf("starting the state manager: %w", err)
+	}
+	pool := asyncSvc.NewPool(fe, dests, async.QueueDLQ{Queues: queues}, leases)
+	keeper := leases.NewKeeper(holder+"/async", 64, async.IsResource, pool.Gained, pool.Lost)
+
+	// Background work runs until shutdown; a failure ends the server.
+	bgCtx, stopBG := context.WithCancel(context.Background())
+	bg, bgCtx := errgroup.WithContext(bgCtx)
+	bg.Go(func() error { return pool.Run(bgCtx, keeper, 30*time.Second) })
+	bg.Go(func() error { return sm.Run(bgCtx) })
+	bg.Go(func() error { return esmSvc.Run(bgCtx) })
+	bg.Go(func() error { return leases.RunSweeper(bgCtx, time.Second) })
+	defer func() {
+		stopBG()
+		if bgErr := bg.Wait(); bgErr != nil && !errors.Is(bgErr, context.Canceled) {
+			err = errors.Join(err, bgErr)
+		}
+	}()
 
 	keyPath := filepath.Join(cfg.DataDir, "admin.key")
 	secret, created, err := fe.EnsureAdminKey(ctx, keyPath)
@@ -149,11 +226,28 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	select {
 	case err := <-serveErr:
 		return fmt.Errorf("serving: %w", err)
+	case <-bgCtx.Done():
+		_ = srv.Close()
+		return fmt.Errorf("background work stopped: %w", context.Cause(bgCtx))
 	case <-ctx.Done():
 	}
 	sctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	return srv.Shutdown(sctx)
+}
+
+// functionExists adapts the store to the event source mappings' check.
+type functionExists struct{ st *store.Store }
+
+func (f functionExists) Exists(ctx context.Context, name string) error {
+	_, err := f.st.GetFunction(ctx, name)
+	return err
+}
+
+// hostID names this process among pollers and lease holders.
+func hostID() string {
+	h, _ := os.Hostname()
+	return fmt.Sprintf("%s-%d", h, os.Getpid())
 }
 
 func validateCode(zip []byte) (bool, error) {

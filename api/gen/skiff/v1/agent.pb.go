@@ -36,8 +36,12 @@ type SandboxSpec struct {
 	TimeoutSeconds     int32             `protobuf:"varint,9,opt,name=timeout_seconds,json=timeoutSeconds,proto3" json:"timeout_seconds,omitempty"`
 	EphemeralStorageMb int32             `protobuf:"varint,10,opt,name=ephemeral_storage_mb,json=ephemeralStorageMb,proto3" json:"ephemeral_storage_mb,omitempty"`
 	Environment        map[string]string `protobuf:"bytes,11,rep,name=environment,proto3" json:"environment,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// "egress" or "none"; empty means none (loopback only).
+	Network       string   `protobuf:"bytes,12,opt,name=network,proto3" json:"network,omitempty"`
+	NetworkAllow  []string `protobuf:"bytes,13,rep,name=network_allow,json=networkAllow,proto3" json:"network_allow,omitempty"`
+	NetworkDeny   []string `protobuf:"bytes,14,rep,name=network_deny,json=networkDeny,proto3" json:"network_deny,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SandboxSpec) Reset() {
@@ -147,6 +151,27 @@ func (x *SandboxSpec) GetEnvironment() map[string]string {
 	return nil
 }
 
+func (x *SandboxSpec) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *SandboxSpec) GetNetworkAllow() []string {
+	if x != nil {
+		return x.NetworkAllow
+	}
+	return nil
+}
+
+func (x *SandboxSpec) GetNetworkDeny() []string {
+	if x != nil {
+		return x.NetworkDeny
+	}
+	return nil
+}
+
 type AgentInvokeRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Spec          *SandboxSpec           `protobuf:"bytes,1,opt,name=spec,proto3" json:"spec,omitempty"`
@@ -245,8 +270,11 @@ type AgentInvokeResponse struct {
 	MaxMemoryUsedBytes int64  `protobuf:"varint,7,opt,name=max_memory_used_bytes,json=maxMemoryUsedBytes,proto3" json:"max_memory_used_bytes,omitempty"`
 	SandboxId          string `protobuf:"bytes,8,opt,name=sandbox_id,json=sandboxId,proto3" json:"sandbox_id,omitempty"`
 	Host               string `protobuf:"bytes,9,opt,name=host,proto3" json:"host,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Bytes the sandbox sent and received during the invocation.
+	NetworkBytesOut int64 `protobuf:"varint,10,opt,name=network_bytes_out,json=networkBytesOut,proto3" json:"network_bytes_out,omitempty"`
+	NetworkBytesIn  int64 `protobuf:"varint,11,opt,name=network_bytes_in,json=networkBytesIn,proto3" json:"network_bytes_in,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AgentInvokeResponse) Reset() {
@@ -340,6 +368,20 @@ func (x *AgentInvokeResponse) GetHost() string {
 		return x.Host
 	}
 	return ""
+}
+
+func (x *AgentInvokeResponse) GetNetworkBytesOut() int64 {
+	if x != nil {
+		return x.NetworkBytesOut
+	}
+	return 0
+}
+
+func (x *AgentInvokeResponse) GetNetworkBytesIn() int64 {
+	if x != nil {
+		return x.NetworkBytesIn
+	}
+	return 0
 }
 
 type RetireRequest struct {
@@ -630,7 +672,7 @@ var File_skiff_v1_agent_proto protoreflect.FileDescriptor
 
 const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x14skiff/v1/agent.proto\x12\bskiff.v1\"\xe5\x03\n" +
+	"\x14skiff/v1/agent.proto\x12\bskiff.v1\"\xc7\x04\n" +
 	"\vSandboxSpec\x12#\n" +
 	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\x12!\n" +
 	"\ffunction_arn\x18\x02 \x01(\tR\vfunctionArn\x12\x18\n" +
@@ -645,7 +687,10 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\x0ftimeout_seconds\x18\t \x01(\x05R\x0etimeoutSeconds\x120\n" +
 	"\x14ephemeral_storage_mb\x18\n" +
 	" \x01(\x05R\x12ephemeralStorageMb\x12H\n" +
-	"\venvironment\x18\v \x03(\v2&.skiff.v1.SandboxSpec.EnvironmentEntryR\venvironment\x1a>\n" +
+	"\venvironment\x18\v \x03(\v2&.skiff.v1.SandboxSpec.EnvironmentEntryR\venvironment\x12\x18\n" +
+	"\anetwork\x18\f \x01(\tR\anetwork\x12#\n" +
+	"\rnetwork_allow\x18\r \x03(\tR\fnetworkAllow\x12!\n" +
+	"\fnetwork_deny\x18\x0e \x03(\tR\vnetworkDeny\x1a>\n" +
 	"\x10EnvironmentEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x01\n" +
@@ -656,7 +701,7 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\apayload\x18\x03 \x01(\fR\apayload\x12%\n" +
 	"\x0eclient_context\x18\x04 \x01(\tR\rclientContext\x12\x19\n" +
 	"\btrace_id\x18\x05 \x01(\tR\atraceId\x12\x19\n" +
-	"\bwant_log\x18\x06 \x01(\bR\awantLog\"\xb8\x02\n" +
+	"\bwant_log\x18\x06 \x01(\bR\awantLog\"\x8e\x03\n" +
 	"\x13AgentInvokeResponse\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12%\n" +
 	"\x0efunction_error\x18\x02 \x01(\tR\rfunctionError\x12\x10\n" +
@@ -669,7 +714,10 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\x15max_memory_used_bytes\x18\a \x01(\x03R\x12maxMemoryUsedBytes\x12\x1d\n" +
 	"\n" +
 	"sandbox_id\x18\b \x01(\tR\tsandboxId\x12\x12\n" +
-	"\x04host\x18\t \x01(\tR\x04host\"\\\n" +
+	"\x04host\x18\t \x01(\tR\x04host\x12*\n" +
+	"\x11network_bytes_out\x18\n" +
+	" \x01(\x03R\x0fnetworkBytesOut\x12(\n" +
+	"\x10network_bytes_in\x18\v \x01(\x03R\x0enetworkBytesIn\"\\\n" +
 	"\rRetireRequest\x12#\n" +
 	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\x12&\n" +
 	"\x0fkeep_config_key\x18\x02 \x01(\tR\rkeepConfigKey\"*\n" +

@@ -36,8 +36,17 @@ type FunctionConfig struct {
 	EphemeralStorageMb int32             `protobuf:"varint,5,opt,name=ephemeral_storage_mb,json=ephemeralStorageMb,proto3" json:"ephemeral_storage_mb,omitempty"`
 	Environment        map[string]string `protobuf:"bytes,6,rep,name=environment,proto3" json:"environment,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	Description        string            `protobuf:"bytes,7,opt,name=description,proto3" json:"description,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// Network access: "egress" (the default, as Lambda functions reach the
+	// internet) or "none" (loopback only).
+	Network string `protobuf:"bytes,8,opt,name=network,proto3" json:"network,omitempty"`
+	// With egress: destinations allowed although the default policy denies
+	// them (private ranges, host services), as "CIDR" or "CIDR:PORT" or
+	// "CIDR:LOW-HIGH".
+	NetworkAllow []string `protobuf:"bytes,9,rep,name=network_allow,json=networkAllow,proto3" json:"network_allow,omitempty"`
+	// With egress: destinations denied, in the same form; deny wins.
+	NetworkDeny   []string `protobuf:"bytes,10,rep,name=network_deny,json=networkDeny,proto3" json:"network_deny,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *FunctionConfig) Reset() {
@@ -117,6 +126,27 @@ func (x *FunctionConfig) GetDescription() string {
 		return x.Description
 	}
 	return ""
+}
+
+func (x *FunctionConfig) GetNetwork() string {
+	if x != nil {
+		return x.Network
+	}
+	return ""
+}
+
+func (x *FunctionConfig) GetNetworkAllow() []string {
+	if x != nil {
+		return x.NetworkAllow
+	}
+	return nil
+}
+
+func (x *FunctionConfig) GetNetworkDeny() []string {
+	if x != nil {
+		return x.NetworkDeny
+	}
+	return nil
 }
 
 // Function is a function as stored.
@@ -1132,6 +1162,364 @@ func (*DeleteFunctionConcurrencyResponse) Descriptor() ([]byte, []int) {
 	return file_skiff_v1_function_proto_rawDescGZIP(), []int{19}
 }
 
+// EventInvokeConfig is how a function's asynchronous invocations are
+// retried and where their outcomes go.
+type EventInvokeConfig struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// 0-2; unset means 2.
+	MaximumRetryAttempts *int32 `protobuf:"varint,1,opt,name=maximum_retry_attempts,json=maximumRetryAttempts,proto3,oneof" json:"maximum_retry_attempts,omitempty"`
+	// 60-21600; unset means 21600.
+	MaximumEventAgeSeconds *int32 `protobuf:"varint,2,opt,name=maximum_event_age_seconds,json=maximumEventAgeSeconds,proto3,oneof" json:"maximum_event_age_seconds,omitempty"`
+	// Where a success record goes: "queue:NAME", "function:NAME", or an
+	// http(s) URL (a webhook). Empty: nowhere.
+	OnSuccess string `protobuf:"bytes,3,opt,name=on_success,json=onSuccess,proto3" json:"on_success,omitempty"`
+	// Where a failure record goes, in the same form. Empty: the dead-letter
+	// queue, else the event is dropped (and counted).
+	OnFailure string `protobuf:"bytes,4,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"`
+	// Dead-letter queue ("queue:NAME") for events that failed, used when
+	// on_failure is empty; it receives the original event payload.
+	DeadLetterQueue string `protobuf:"bytes,5,opt,name=dead_letter_queue,json=deadLetterQueue,proto3" json:"dead_letter_queue,omitempty"`
+	LastModified    string `protobuf:"bytes,6,opt,name=last_modified,json=lastModified,proto3" json:"last_modified,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
+}
+
+func (x *EventInvokeConfig) Reset() {
+	*x = EventInvokeConfig{}
+	mi := &file_skiff_v1_function_proto_msgTypes[20]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *EventInvokeConfig) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*EventInvokeConfig) ProtoMessage() {}
+
+func (x *EventInvokeConfig) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[20]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use EventInvokeConfig.ProtoReflect.Descriptor instead.
+func (*EventInvokeConfig) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{20}
+}
+
+func (x *EventInvokeConfig) GetMaximumRetryAttempts() int32 {
+	if x != nil && x.MaximumRetryAttempts != nil {
+		return *x.MaximumRetryAttempts
+	}
+	return 0
+}
+
+func (x *EventInvokeConfig) GetMaximumEventAgeSeconds() int32 {
+	if x != nil && x.MaximumEventAgeSeconds != nil {
+		return *x.MaximumEventAgeSeconds
+	}
+	return 0
+}
+
+func (x *EventInvokeConfig) GetOnSuccess() string {
+	if x != nil {
+		return x.OnSuccess
+	}
+	return ""
+}
+
+func (x *EventInvokeConfig) GetOnFailure() string {
+	if x != nil {
+		return x.OnFailure
+	}
+	return ""
+}
+
+func (x *EventInvokeConfig) GetDeadLetterQueue() string {
+	if x != nil {
+		return x.DeadLetterQueue
+	}
+	return ""
+}
+
+func (x *EventInvokeConfig) GetLastModified() string {
+	if x != nil {
+		return x.LastModified
+	}
+	return ""
+}
+
+type PutFunctionEventInvokeConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FunctionName  string                 `protobuf:"bytes,1,opt,name=function_name,json=functionName,proto3" json:"function_name,omitempty"`
+	Config        *EventInvokeConfig     `protobuf:"bytes,2,opt,name=config,proto3" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutFunctionEventInvokeConfigRequest) Reset() {
+	*x = PutFunctionEventInvokeConfigRequest{}
+	mi := &file_skiff_v1_function_proto_msgTypes[21]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutFunctionEventInvokeConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutFunctionEventInvokeConfigRequest) ProtoMessage() {}
+
+func (x *PutFunctionEventInvokeConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[21]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutFunctionEventInvokeConfigRequest.ProtoReflect.Descriptor instead.
+func (*PutFunctionEventInvokeConfigRequest) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{21}
+}
+
+func (x *PutFunctionEventInvokeConfigRequest) GetFunctionName() string {
+	if x != nil {
+		return x.FunctionName
+	}
+	return ""
+}
+
+func (x *PutFunctionEventInvokeConfigRequest) GetConfig() *EventInvokeConfig {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+type PutFunctionEventInvokeConfigResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Config        *EventInvokeConfig     `protobuf:"bytes,1,opt,name=config,proto3" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutFunctionEventInvokeConfigResponse) Reset() {
+	*x = PutFunctionEventInvokeConfigResponse{}
+	mi := &file_skiff_v1_function_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutFunctionEventInvokeConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutFunctionEventInvokeConfigResponse) ProtoMessage() {}
+
+func (x *PutFunctionEventInvokeConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutFunctionEventInvokeConfigResponse.ProtoReflect.Descriptor instead.
+func (*PutFunctionEventInvokeConfigResponse) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *PutFunctionEventInvokeConfigResponse) GetConfig() *EventInvokeConfig {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+type GetFunctionEventInvokeConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FunctionName  string                 `protobuf:"bytes,1,opt,name=function_name,json=functionName,proto3" json:"function_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFunctionEventInvokeConfigRequest) Reset() {
+	*x = GetFunctionEventInvokeConfigRequest{}
+	mi := &file_skiff_v1_function_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFunctionEventInvokeConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFunctionEventInvokeConfigRequest) ProtoMessage() {}
+
+func (x *GetFunctionEventInvokeConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFunctionEventInvokeConfigRequest.ProtoReflect.Descriptor instead.
+func (*GetFunctionEventInvokeConfigRequest) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *GetFunctionEventInvokeConfigRequest) GetFunctionName() string {
+	if x != nil {
+		return x.FunctionName
+	}
+	return ""
+}
+
+type GetFunctionEventInvokeConfigResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Config        *EventInvokeConfig     `protobuf:"bytes,1,opt,name=config,proto3" json:"config,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetFunctionEventInvokeConfigResponse) Reset() {
+	*x = GetFunctionEventInvokeConfigResponse{}
+	mi := &file_skiff_v1_function_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetFunctionEventInvokeConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetFunctionEventInvokeConfigResponse) ProtoMessage() {}
+
+func (x *GetFunctionEventInvokeConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetFunctionEventInvokeConfigResponse.ProtoReflect.Descriptor instead.
+func (*GetFunctionEventInvokeConfigResponse) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *GetFunctionEventInvokeConfigResponse) GetConfig() *EventInvokeConfig {
+	if x != nil {
+		return x.Config
+	}
+	return nil
+}
+
+type DeleteFunctionEventInvokeConfigRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	FunctionName  string                 `protobuf:"bytes,1,opt,name=function_name,json=functionName,proto3" json:"function_name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteFunctionEventInvokeConfigRequest) Reset() {
+	*x = DeleteFunctionEventInvokeConfigRequest{}
+	mi := &file_skiff_v1_function_proto_msgTypes[25]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteFunctionEventInvokeConfigRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteFunctionEventInvokeConfigRequest) ProtoMessage() {}
+
+func (x *DeleteFunctionEventInvokeConfigRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[25]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteFunctionEventInvokeConfigRequest.ProtoReflect.Descriptor instead.
+func (*DeleteFunctionEventInvokeConfigRequest) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{25}
+}
+
+func (x *DeleteFunctionEventInvokeConfigRequest) GetFunctionName() string {
+	if x != nil {
+		return x.FunctionName
+	}
+	return ""
+}
+
+type DeleteFunctionEventInvokeConfigResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteFunctionEventInvokeConfigResponse) Reset() {
+	*x = DeleteFunctionEventInvokeConfigResponse{}
+	mi := &file_skiff_v1_function_proto_msgTypes[26]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteFunctionEventInvokeConfigResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteFunctionEventInvokeConfigResponse) ProtoMessage() {}
+
+func (x *DeleteFunctionEventInvokeConfigResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_function_proto_msgTypes[26]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteFunctionEventInvokeConfigResponse.ProtoReflect.Descriptor instead.
+func (*DeleteFunctionEventInvokeConfigResponse) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_function_proto_rawDescGZIP(), []int{26}
+}
+
 type UploadFunctionRequest_Header struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
@@ -1147,7 +1535,7 @@ type UploadFunctionRequest_Header struct {
 
 func (x *UploadFunctionRequest_Header) Reset() {
 	*x = UploadFunctionRequest_Header{}
-	mi := &file_skiff_v1_function_proto_msgTypes[21]
+	mi := &file_skiff_v1_function_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1159,7 +1547,7 @@ func (x *UploadFunctionRequest_Header) String() string {
 func (*UploadFunctionRequest_Header) ProtoMessage() {}
 
 func (x *UploadFunctionRequest_Header) ProtoReflect() protoreflect.Message {
-	mi := &file_skiff_v1_function_proto_msgTypes[21]
+	mi := &file_skiff_v1_function_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1207,7 +1595,7 @@ var File_skiff_v1_function_proto protoreflect.FileDescriptor
 
 const file_skiff_v1_function_proto_rawDesc = "" +
 	"\n" +
-	"\x17skiff/v1/function.proto\x12\bskiff.v1\"\xeb\x02\n" +
+	"\x17skiff/v1/function.proto\x12\bskiff.v1\"\xcd\x03\n" +
 	"\x0eFunctionConfig\x12\x18\n" +
 	"\aruntime\x18\x01 \x01(\tR\aruntime\x12\x18\n" +
 	"\ahandler\x18\x02 \x01(\tR\ahandler\x12\x1b\n" +
@@ -1215,7 +1603,11 @@ const file_skiff_v1_function_proto_rawDesc = "" +
 	"\x0ftimeout_seconds\x18\x04 \x01(\x05R\x0etimeoutSeconds\x120\n" +
 	"\x14ephemeral_storage_mb\x18\x05 \x01(\x05R\x12ephemeralStorageMb\x12K\n" +
 	"\venvironment\x18\x06 \x03(\v2).skiff.v1.FunctionConfig.EnvironmentEntryR\venvironment\x12 \n" +
-	"\vdescription\x18\a \x01(\tR\vdescription\x1a>\n" +
+	"\vdescription\x18\a \x01(\tR\vdescription\x12\x18\n" +
+	"\anetwork\x18\b \x01(\tR\anetwork\x12#\n" +
+	"\rnetwork_allow\x18\t \x03(\tR\fnetworkAllow\x12!\n" +
+	"\fnetwork_deny\x18\n" +
+	" \x03(\tR\vnetworkDeny\x1a>\n" +
 	"\x10EnvironmentEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xcc\x02\n" +
@@ -1285,7 +1677,30 @@ const file_skiff_v1_function_proto_rawDesc = "" +
 	"\x1ereserved_concurrent_executions\x18\x01 \x01(\x05R\x1creservedConcurrentExecutions\"6\n" +
 	" DeleteFunctionConcurrencyRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"#\n" +
-	"!DeleteFunctionConcurrencyResponse2\xf0\x06\n" +
+	"!DeleteFunctionConcurrencyResponse\"\xd6\x02\n" +
+	"\x11EventInvokeConfig\x129\n" +
+	"\x16maximum_retry_attempts\x18\x01 \x01(\x05H\x00R\x14maximumRetryAttempts\x88\x01\x01\x12>\n" +
+	"\x19maximum_event_age_seconds\x18\x02 \x01(\x05H\x01R\x16maximumEventAgeSeconds\x88\x01\x01\x12\x1d\n" +
+	"\n" +
+	"on_success\x18\x03 \x01(\tR\tonSuccess\x12\x1d\n" +
+	"\n" +
+	"on_failure\x18\x04 \x01(\tR\tonFailure\x12*\n" +
+	"\x11dead_letter_queue\x18\x05 \x01(\tR\x0fdeadLetterQueue\x12#\n" +
+	"\rlast_modified\x18\x06 \x01(\tR\flastModifiedB\x19\n" +
+	"\x17_maximum_retry_attemptsB\x1c\n" +
+	"\x1a_maximum_event_age_seconds\"\x7f\n" +
+	"#PutFunctionEventInvokeConfigRequest\x12#\n" +
+	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\x123\n" +
+	"\x06config\x18\x02 \x01(\v2\x1b.skiff.v1.EventInvokeConfigR\x06config\"[\n" +
+	"$PutFunctionEventInvokeConfigResponse\x123\n" +
+	"\x06config\x18\x01 \x01(\v2\x1b.skiff.v1.EventInvokeConfigR\x06config\"J\n" +
+	"#GetFunctionEventInvokeConfigRequest\x12#\n" +
+	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\"[\n" +
+	"$GetFunctionEventInvokeConfigResponse\x123\n" +
+	"\x06config\x18\x01 \x01(\v2\x1b.skiff.v1.EventInvokeConfigR\x06config\"M\n" +
+	"&DeleteFunctionEventInvokeConfigRequest\x12#\n" +
+	"\rfunction_name\x18\x01 \x01(\tR\ffunctionName\")\n" +
+	"'DeleteFunctionEventInvokeConfigResponse2\xf7\t\n" +
 	"\x0fFunctionService\x12S\n" +
 	"\x0eCreateFunction\x12\x1f.skiff.v1.CreateFunctionRequest\x1a .skiff.v1.CreateFunctionResponse\x12U\n" +
 	"\x0eUploadFunction\x12\x1f.skiff.v1.UploadFunctionRequest\x1a .skiff.v1.UploadFunctionResponse(\x01\x12J\n" +
@@ -1295,7 +1710,10 @@ const file_skiff_v1_function_proto_rawDesc = "" +
 	"\x1bUpdateFunctionConfiguration\x12,.skiff.v1.UpdateFunctionConfigurationRequest\x1a-.skiff.v1.UpdateFunctionConfigurationResponse\x12S\n" +
 	"\x0eDeleteFunction\x12\x1f.skiff.v1.DeleteFunctionRequest\x1a .skiff.v1.DeleteFunctionResponse\x12k\n" +
 	"\x16PutFunctionConcurrency\x12'.skiff.v1.PutFunctionConcurrencyRequest\x1a(.skiff.v1.PutFunctionConcurrencyResponse\x12t\n" +
-	"\x19DeleteFunctionConcurrency\x12*.skiff.v1.DeleteFunctionConcurrencyRequest\x1a+.skiff.v1.DeleteFunctionConcurrencyResponseB\x88\x01\n" +
+	"\x19DeleteFunctionConcurrency\x12*.skiff.v1.DeleteFunctionConcurrencyRequest\x1a+.skiff.v1.DeleteFunctionConcurrencyResponse\x12}\n" +
+	"\x1cPutFunctionEventInvokeConfig\x12-.skiff.v1.PutFunctionEventInvokeConfigRequest\x1a..skiff.v1.PutFunctionEventInvokeConfigResponse\x12}\n" +
+	"\x1cGetFunctionEventInvokeConfig\x12-.skiff.v1.GetFunctionEventInvokeConfigRequest\x1a..skiff.v1.GetFunctionEventInvokeConfigResponse\x12\x86\x01\n" +
+	"\x1fDeleteFunctionEventInvokeConfig\x120.skiff.v1.DeleteFunctionEventInvokeConfigRequest\x1a1.skiff.v1.DeleteFunctionEventInvokeConfigResponseB\x88\x01\n" +
 	"\fcom.skiff.v1B\rFunctionProtoP\x01Z(skiff.dev/skiff/api/gen/skiff/v1;skiffv1\xa2\x02\x03SXX\xaa\x02\bSkiff.V1\xca\x02\bSkiff\\V1\xe2\x02\x14Skiff\\V1\\GPBMetadata\xea\x02\tSkiff::V1b\x06proto3"
 
 var (
@@ -1310,67 +1728,83 @@ func file_skiff_v1_function_proto_rawDescGZIP() []byte {
 	return file_skiff_v1_function_proto_rawDescData
 }
 
-var file_skiff_v1_function_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_skiff_v1_function_proto_msgTypes = make([]protoimpl.MessageInfo, 29)
 var file_skiff_v1_function_proto_goTypes = []any{
-	(*FunctionConfig)(nil),                      // 0: skiff.v1.FunctionConfig
-	(*Function)(nil),                            // 1: skiff.v1.Function
-	(*CreateFunctionRequest)(nil),               // 2: skiff.v1.CreateFunctionRequest
-	(*CreateFunctionResponse)(nil),              // 3: skiff.v1.CreateFunctionResponse
-	(*UploadFunctionRequest)(nil),               // 4: skiff.v1.UploadFunctionRequest
-	(*UploadFunctionResponse)(nil),              // 5: skiff.v1.UploadFunctionResponse
-	(*GetFunctionRequest)(nil),                  // 6: skiff.v1.GetFunctionRequest
-	(*GetFunctionResponse)(nil),                 // 7: skiff.v1.GetFunctionResponse
-	(*ListFunctionsRequest)(nil),                // 8: skiff.v1.ListFunctionsRequest
-	(*ListFunctionsResponse)(nil),               // 9: skiff.v1.ListFunctionsResponse
-	(*UpdateFunctionCodeRequest)(nil),           // 10: skiff.v1.UpdateFunctionCodeRequest
-	(*UpdateFunctionCodeResponse)(nil),          // 11: skiff.v1.UpdateFunctionCodeResponse
-	(*UpdateFunctionConfigurationRequest)(nil),  // 12: skiff.v1.UpdateFunctionConfigurationRequest
-	(*UpdateFunctionConfigurationResponse)(nil), // 13: skiff.v1.UpdateFunctionConfigurationResponse
-	(*DeleteFunctionRequest)(nil),               // 14: skiff.v1.DeleteFunctionRequest
-	(*DeleteFunctionResponse)(nil),              // 15: skiff.v1.DeleteFunctionResponse
-	(*PutFunctionConcurrencyRequest)(nil),       // 16: skiff.v1.PutFunctionConcurrencyRequest
-	(*PutFunctionConcurrencyResponse)(nil),      // 17: skiff.v1.PutFunctionConcurrencyResponse
-	(*DeleteFunctionConcurrencyRequest)(nil),    // 18: skiff.v1.DeleteFunctionConcurrencyRequest
-	(*DeleteFunctionConcurrencyResponse)(nil),   // 19: skiff.v1.DeleteFunctionConcurrencyResponse
-	nil,                                  // 20: skiff.v1.FunctionConfig.EnvironmentEntry
-	(*UploadFunctionRequest_Header)(nil), // 21: skiff.v1.UploadFunctionRequest.Header
+	(*FunctionConfig)(nil),                          // 0: skiff.v1.FunctionConfig
+	(*Function)(nil),                                // 1: skiff.v1.Function
+	(*CreateFunctionRequest)(nil),                   // 2: skiff.v1.CreateFunctionRequest
+	(*CreateFunctionResponse)(nil),                  // 3: skiff.v1.CreateFunctionResponse
+	(*UploadFunctionRequest)(nil),                   // 4: skiff.v1.UploadFunctionRequest
+	(*UploadFunctionResponse)(nil),                  // 5: skiff.v1.UploadFunctionResponse
+	(*GetFunctionRequest)(nil),                      // 6: skiff.v1.GetFunctionRequest
+	(*GetFunctionResponse)(nil),                     // 7: skiff.v1.GetFunctionResponse
+	(*ListFunctionsRequest)(nil),                    // 8: skiff.v1.ListFunctionsRequest
+	(*ListFunctionsResponse)(nil),                   // 9: skiff.v1.ListFunctionsResponse
+	(*UpdateFunctionCodeRequest)(nil),               // 10: skiff.v1.UpdateFunctionCodeRequest
+	(*UpdateFunctionCodeResponse)(nil),              // 11: skiff.v1.UpdateFunctionCodeResponse
+	(*UpdateFunctionConfigurationRequest)(nil),      // 12: skiff.v1.UpdateFunctionConfigurationRequest
+	(*UpdateFunctionConfigurationResponse)(nil),     // 13: skiff.v1.UpdateFunctionConfigurationResponse
+	(*DeleteFunctionRequest)(nil),                   // 14: skiff.v1.DeleteFunctionRequest
+	(*DeleteFunctionResponse)(nil),                  // 15: skiff.v1.DeleteFunctionResponse
+	(*PutFunctionConcurrencyRequest)(nil),           // 16: skiff.v1.PutFunctionConcurrencyRequest
+	(*PutFunctionConcurrencyResponse)(nil),          // 17: skiff.v1.PutFunctionConcurrencyResponse
+	(*DeleteFunctionConcurrencyRequest)(nil),        // 18: skiff.v1.DeleteFunctionConcurrencyRequest
+	(*DeleteFunctionConcurrencyResponse)(nil),       // 19: skiff.v1.DeleteFunctionConcurrencyResponse
+	(*EventInvokeConfig)(nil),                       // 20: skiff.v1.EventInvokeConfig
+	(*PutFunctionEventInvokeConfigRequest)(nil),     // 21: skiff.v1.PutFunctionEventInvokeConfigRequest
+	(*PutFunctionEventInvokeConfigResponse)(nil),    // 22: skiff.v1.PutFunctionEventInvokeConfigResponse
+	(*GetFunctionEventInvokeConfigRequest)(nil),     // 23: skiff.v1.GetFunctionEventInvokeConfigRequest
+	(*GetFunctionEventInvokeConfigResponse)(nil),    // 24: skiff.v1.GetFunctionEventInvokeConfigResponse
+	(*DeleteFunctionEventInvokeConfigRequest)(nil),  // 25: skiff.v1.DeleteFunctionEventInvokeConfigRequest
+	(*DeleteFunctionEventInvokeConfigResponse)(nil), // 26: skiff.v1.DeleteFunctionEventInvokeConfigResponse
+	nil,                                  // 27: skiff.v1.FunctionConfig.EnvironmentEntry
+	(*UploadFunctionRequest_Header)(nil), // 28: skiff.v1.UploadFunctionRequest.Header
 }
 var file_skiff_v1_function_proto_depIdxs = []int32{
-	20, // 0: skiff.v1.FunctionConfig.environment:type_name -> skiff.v1.FunctionConfig.EnvironmentEntry
+	27, // 0: skiff.v1.FunctionConfig.environment:type_name -> skiff.v1.FunctionConfig.EnvironmentEntry
 	0,  // 1: skiff.v1.Function.config:type_name -> skiff.v1.FunctionConfig
 	0,  // 2: skiff.v1.CreateFunctionRequest.config:type_name -> skiff.v1.FunctionConfig
 	1,  // 3: skiff.v1.CreateFunctionResponse.function:type_name -> skiff.v1.Function
-	21, // 4: skiff.v1.UploadFunctionRequest.header:type_name -> skiff.v1.UploadFunctionRequest.Header
+	28, // 4: skiff.v1.UploadFunctionRequest.header:type_name -> skiff.v1.UploadFunctionRequest.Header
 	1,  // 5: skiff.v1.UploadFunctionResponse.function:type_name -> skiff.v1.Function
 	1,  // 6: skiff.v1.GetFunctionResponse.function:type_name -> skiff.v1.Function
 	1,  // 7: skiff.v1.ListFunctionsResponse.functions:type_name -> skiff.v1.Function
 	1,  // 8: skiff.v1.UpdateFunctionCodeResponse.function:type_name -> skiff.v1.Function
 	0,  // 9: skiff.v1.UpdateFunctionConfigurationRequest.config:type_name -> skiff.v1.FunctionConfig
 	1,  // 10: skiff.v1.UpdateFunctionConfigurationResponse.function:type_name -> skiff.v1.Function
-	0,  // 11: skiff.v1.UploadFunctionRequest.Header.config:type_name -> skiff.v1.FunctionConfig
-	2,  // 12: skiff.v1.FunctionService.CreateFunction:input_type -> skiff.v1.CreateFunctionRequest
-	4,  // 13: skiff.v1.FunctionService.UploadFunction:input_type -> skiff.v1.UploadFunctionRequest
-	6,  // 14: skiff.v1.FunctionService.GetFunction:input_type -> skiff.v1.GetFunctionRequest
-	8,  // 15: skiff.v1.FunctionService.ListFunctions:input_type -> skiff.v1.ListFunctionsRequest
-	10, // 16: skiff.v1.FunctionService.UpdateFunctionCode:input_type -> skiff.v1.UpdateFunctionCodeRequest
-	12, // 17: skiff.v1.FunctionService.UpdateFunctionConfiguration:input_type -> skiff.v1.UpdateFunctionConfigurationRequest
-	14, // 18: skiff.v1.FunctionService.DeleteFunction:input_type -> skiff.v1.DeleteFunctionRequest
-	16, // 19: skiff.v1.FunctionService.PutFunctionConcurrency:input_type -> skiff.v1.PutFunctionConcurrencyRequest
-	18, // 20: skiff.v1.FunctionService.DeleteFunctionConcurrency:input_type -> skiff.v1.DeleteFunctionConcurrencyRequest
-	3,  // 21: skiff.v1.FunctionService.CreateFunction:output_type -> skiff.v1.CreateFunctionResponse
-	5,  // 22: skiff.v1.FunctionService.UploadFunction:output_type -> skiff.v1.UploadFunctionResponse
-	7,  // 23: skiff.v1.FunctionService.GetFunction:output_type -> skiff.v1.GetFunctionResponse
-	9,  // 24: skiff.v1.FunctionService.ListFunctions:output_type -> skiff.v1.ListFunctionsResponse
-	11, // 25: skiff.v1.FunctionService.UpdateFunctionCode:output_type -> skiff.v1.UpdateFunctionCodeResponse
-	13, // 26: skiff.v1.FunctionService.UpdateFunctionConfiguration:output_type -> skiff.v1.UpdateFunctionConfigurationResponse
-	15, // 27: skiff.v1.FunctionService.DeleteFunction:output_type -> skiff.v1.DeleteFunctionResponse
-	17, // 28: skiff.v1.FunctionService.PutFunctionConcurrency:output_type -> skiff.v1.PutFunctionConcurrencyResponse
-	19, // 29: skiff.v1.FunctionService.DeleteFunctionConcurrency:output_type -> skiff.v1.DeleteFunctionConcurrencyResponse
-	21, // [21:30] is the sub-list for method output_type
-	12, // [12:21] is the sub-list for method input_type
-	12, // [12:12] is the sub-list for extension type_name
-	12, // [12:12] is the sub-list for extension extendee
-	0,  // [0:12] is the sub-list for field type_name
+	20, // 11: skiff.v1.PutFunctionEventInvokeConfigRequest.config:type_name -> skiff.v1.EventInvokeConfig
+	20, // 12: skiff.v1.PutFunctionEventInvokeConfigResponse.config:type_name -> skiff.v1.EventInvokeConfig
+	20, // 13: skiff.v1.GetFunctionEventInvokeConfigResponse.config:type_name -> skiff.v1.EventInvokeConfig
+	0,  // 14: skiff.v1.UploadFunctionRequest.Header.config:type_name -> skiff.v1.FunctionConfig
+	2,  // 15: skiff.v1.FunctionService.CreateFunction:input_type -> skiff.v1.CreateFunctionRequest
+	4,  // 16: skiff.v1.FunctionService.UploadFunction:input_type -> skiff.v1.UploadFunctionRequest
+	6,  // 17: skiff.v1.FunctionService.GetFunction:input_type -> skiff.v1.GetFunctionRequest
+	8,  // 18: skiff.v1.FunctionService.ListFunctions:input_type -> skiff.v1.ListFunctionsRequest
+	10, // 19: skiff.v1.FunctionService.UpdateFunctionCode:input_type -> skiff.v1.UpdateFunctionCodeRequest
+	12, // 20: skiff.v1.FunctionService.UpdateFunctionConfiguration:input_type -> skiff.v1.UpdateFunctionConfigurationRequest
+	14, // 21: skiff.v1.FunctionService.DeleteFunction:input_type -> skiff.v1.DeleteFunctionRequest
+	16, // 22: skiff.v1.FunctionService.PutFunctionConcurrency:input_type -> skiff.v1.PutFunctionConcurrencyRequest
+	18, // 23: skiff.v1.FunctionService.DeleteFunctionConcurrency:input_type -> skiff.v1.DeleteFunctionConcurrencyRequest
+	21, // 24: skiff.v1.FunctionService.PutFunctionEventInvokeConfig:input_type -> skiff.v1.PutFunctionEventInvokeConfigRequest
+	23, // 25: skiff.v1.FunctionService.GetFunctionEventInvokeConfig:input_type -> skiff.v1.GetFunctionEventInvokeConfigRequest
+	25, // 26: skiff.v1.FunctionService.DeleteFunctionEventInvokeConfig:input_type -> skiff.v1.DeleteFunctionEventInvokeConfigRequest
+	3,  // 27: skiff.v1.FunctionService.CreateFunction:output_type -> skiff.v1.CreateFunctionResponse
+	5,  // 28: skiff.v1.FunctionService.UploadFunction:output_type -> skiff.v1.UploadFunctionResponse
+	7,  // 29: skiff.v1.FunctionService.GetFunction:output_type -> skiff.v1.GetFunctionResponse
+	9,  // 30: skiff.v1.FunctionService.ListFunctions:output_type -> skiff.v1.ListFunctionsResponse
+	11, // 31: skiff.v1.FunctionService.UpdateFunctionCode:output_type -> skiff.v1.UpdateFunctionCodeResponse
+	13, // 32: skiff.v1.FunctionService.UpdateFunctionConfiguration:output_type -> skiff.v1.UpdateFunctionConfigurationResponse
+	15, // 33: skiff.v1.FunctionService.DeleteFunction:output_type -> skiff.v1.DeleteFunctionResponse
+	17, // 34: skiff.v1.FunctionService.PutFunctionConcurrency:output_type -> skiff.v1.PutFunctionConcurrencyResponse
+	19, // 35: skiff.v1.FunctionService.DeleteFunctionConcurrency:output_type -> skiff.v1.DeleteFunctionConcurrencyResponse
+	22, // 36: skiff.v1.FunctionService.PutFunctionEventInvokeConfig:output_type -> skiff.v1.PutFunctionEventInvokeConfigResponse
+	24, // 37: skiff.v1.FunctionService.GetFunctionEventInvokeConfig:output_type -> skiff.v1.GetFunctionEventInvokeConfigResponse
+	26, // 38: skiff.v1.FunctionService.DeleteFunctionEventInvokeConfig:output_type -> skiff.v1.DeleteFunctionEventInvokeConfigResponse
+	27, // [27:39] is the sub-list for method output_type
+	15, // [15:27] is the sub-list for method input_type
+	15, // [15:15] is the sub-list for extension type_name
+	15, // [15:15] is the sub-list for extension extendee
+	0,  // [0:15] is the sub-list for field type_name
 }
 
 func init() { file_skiff_v1_function_proto_init() }
@@ -1383,13 +1817,14 @@ func file_skiff_v1_function_proto_init() {
 		(*UploadFunctionRequest_Header_)(nil),
 		(*UploadFunctionRequest_Chunk)(nil),
 	}
+	file_skiff_v1_function_proto_msgTypes[20].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_skiff_v1_function_proto_rawDesc), len(file_skiff_v1_function_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   29,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,9 @@ const (
 	InvocationType_INVOCATION_TYPE_UNSPECIFIED      InvocationType = 0 // REQUEST_RESPONSE
 	InvocationType_INVOCATION_TYPE_REQUEST_RESPONSE InvocationType = 1
 	InvocationType_INVOCATION_TYPE_DRY_RUN          InvocationType = 2
+	// Asynchronous: the event is stored durably, the response is 202 with a
+	// request id, and pollers run the function with retries and destinations.
+	InvocationType_INVOCATION_TYPE_EVENT InvocationType = 3
 )
 
 // Enum value maps for InvocationType.
@@ -35,11 +38,13 @@ var (
 		0: "INVOCATION_TYPE_UNSPECIFIED",
 		1: "INVOCATION_TYPE_REQUEST_RESPONSE",
 		2: "INVOCATION_TYPE_DRY_RUN",
+		3: "INVOCATION_TYPE_EVENT",
 	}
 	InvocationType_value = map[string]int32{
 		"INVOCATION_TYPE_UNSPECIFIED":      0,
 		"INVOCATION_TYPE_REQUEST_RESPONSE": 1,
 		"INVOCATION_TYPE_DRY_RUN":          2,
+		"INVOCATION_TYPE_EVENT":            3,
 	}
 )
 
@@ -312,11 +317,12 @@ const file_skiff_v1_invoke_proto_rawDesc = "" +
 	"log_result\x18\x04 \x01(\tR\tlogResult\x12)\n" +
 	"\x10executed_version\x18\x05 \x01(\tR\x0fexecutedVersion\x12\x1d\n" +
 	"\n" +
-	"request_id\x18\x06 \x01(\tR\trequestId*t\n" +
+	"request_id\x18\x06 \x01(\tR\trequestId*\x8f\x01\n" +
 	"\x0eInvocationType\x12\x1f\n" +
 	"\x1bINVOCATION_TYPE_UNSPECIFIED\x10\x00\x12$\n" +
 	" INVOCATION_TYPE_REQUEST_RESPONSE\x10\x01\x12\x1b\n" +
-	"\x17INVOCATION_TYPE_DRY_RUN\x10\x02*I\n" +
+	"\x17INVOCATION_TYPE_DRY_RUN\x10\x02\x12\x19\n" +
+	"\x15INVOCATION_TYPE_EVENT\x10\x03*I\n" +
 	"\aLogType\x12\x18\n" +
 	"\x14LOG_TYPE_UNSPECIFIED\x10\x00\x12\x11\n" +
 	"\rLOG_TYPE_NONE\x10\x01\x12\x11\n" +

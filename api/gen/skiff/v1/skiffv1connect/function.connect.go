@@ -60,6 +60,15 @@ const (
 	// FunctionServiceDeleteFunctionConcurrencyProcedure is the fully-qualified name of the
 	// FunctionService's DeleteFunctionConcurrency RPC.
 	FunctionServiceDeleteFunctionConcurrencyProcedure = "/skiff.v1.FunctionService/DeleteFunctionConcurrency"
+	// FunctionServicePutFunctionEventInvokeConfigProcedure is the fully-qualified name of the
+	// FunctionService's PutFunctionEventInvokeConfig RPC.
+	FunctionServicePutFunctionEventInvokeConfigProcedure = "/skiff.v1.FunctionService/PutFunctionEventInvokeConfig"
+	// FunctionServiceGetFunctionEventInvokeConfigProcedure is the fully-qualified name of the
+	// FunctionService's GetFunctionEventInvokeConfig RPC.
+	FunctionServiceGetFunctionEventInvokeConfigProcedure = "/skiff.v1.FunctionService/GetFunctionEventInvokeConfig"
+	// FunctionServiceDeleteFunctionEventInvokeConfigProcedure is the fully-qualified name of the
+	// FunctionService's DeleteFunctionEventInvokeConfig RPC.
+	FunctionServiceDeleteFunctionEventInvokeConfigProcedure = "/skiff.v1.FunctionService/DeleteFunctionEventInvokeConfig"
 )
 
 // FunctionServiceClient is a client for the skiff.v1.FunctionService service.
@@ -75,6 +84,11 @@ type FunctionServiceClient interface {
 	DeleteFunction(context.Context, *connect.Request[v1.DeleteFunctionRequest]) (*connect.Response[v1.DeleteFunctionResponse], error)
 	PutFunctionConcurrency(context.Context, *connect.Request[v1.PutFunctionConcurrencyRequest]) (*connect.Response[v1.PutFunctionConcurrencyResponse], error)
 	DeleteFunctionConcurrency(context.Context, *connect.Request[v1.DeleteFunctionConcurrencyRequest]) (*connect.Response[v1.DeleteFunctionConcurrencyResponse], error)
+	// Event invoke config: retries, maximum event age and destinations of
+	// asynchronous invocations.
+	PutFunctionEventInvokeConfig(context.Context, *connect.Request[v1.PutFunctionEventInvokeConfigRequest]) (*connect.Response[v1.PutFunctionEventInvokeConfigResponse], error)
+	GetFunctionEventInvokeConfig(context.Context, *connect.Request[v1.GetFunctionEventInvokeConfigRequest]) (*connect.Response[v1.GetFunctionEventInvokeConfigResponse], error)
+	DeleteFunctionEventInvokeConfig(context.Context, *connect.Request[v1.DeleteFunctionEventInvokeConfigRequest]) (*connect.Response[v1.DeleteFunctionEventInvokeConfigResponse], error)
 }
 
 // NewFunctionServiceClient constructs a client for the skiff.v1.FunctionService service. By
@@ -142,20 +156,41 @@ func NewFunctionServiceClient(httpClient connect.HTTPClient, baseURL string, opt
 			connect.WithSchema(functionServiceMethods.ByName("DeleteFunctionConcurrency")),
 			connect.WithClientOptions(opts...),
 		),
+		putFunctionEventInvokeConfig: connect.NewClient[v1.PutFunctionEventInvokeConfigRequest, v1.PutFunctionEventInvokeConfigResponse](
+			httpClient,
+			baseURL+FunctionServicePutFunctionEventInvokeConfigProcedure,
+			connect.WithSchema(functionServiceMethods.ByName("PutFunctionEventInvokeConfig")),
+			connect.WithClientOptions(opts...),
+		),
+		getFunctionEventInvokeConfig: connect.NewClient[v1.GetFunctionEventInvokeConfigRequest, v1.GetFunctionEventInvokeConfigResponse](
+			httpClient,
+			baseURL+FunctionServiceGetFunctionEventInvokeConfigProcedure,
+			connect.WithSchema(functionServiceMethods.ByName("GetFunctionEventInvokeConfig")),
+			connect.WithClientOptions(opts...),
+		),
+		deleteFunctionEventInvokeConfig: connect.NewClient[v1.DeleteFunctionEventInvokeConfigRequest, v1.DeleteFunctionEventInvokeConfigResponse](
+			httpClient,
+			baseURL+FunctionServiceDeleteFunctionEventInvokeConfigProcedure,
+			connect.WithSchema(functionServiceMethods.ByName("DeleteFunctionEventInvokeConfig")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
 // functionServiceClient implements FunctionServiceClient.
 type functionServiceClient struct {
-	createFunction              *connect.Client[v1.CreateFunctionRequest, v1.CreateFunctionResponse]
-	uploadFunction              *connect.Client[v1.UploadFunctionRequest, v1.UploadFunctionResponse]
-	getFunction                 *connect.Client[v1.GetFunctionRequest, v1.GetFunctionResponse]
-	listFunctions               *connect.Client[v1.ListFunctionsRequest, v1.ListFunctionsResponse]
-	updateFunctionCode          *connect.Client[v1.UpdateFunctionCodeRequest, v1.UpdateFunctionCodeResponse]
-	updateFunctionConfiguration *connect.Client[v1.UpdateFunctionConfigurationRequest, v1.UpdateFunctionConfigurationResponse]
-	deleteFunction              *connect.Client[v1.DeleteFunctionRequest, v1.DeleteFunctionResponse]
-	putFunctionConcurrency      *connect.Client[v1.PutFunctionConcurrencyRequest, v1.PutFunctionConcurrencyResponse]
-	deleteFunctionConcurrency   *connect.Client[v1.DeleteFunctionConcurrencyRequest, v1.DeleteFunctionConcurrencyResponse]
+	createFunction                  *connect.Client[v1.CreateFunctionRequest, v1.CreateFunctionResponse]
+	uploadFunction                  *connect.Client[v1.UploadFunctionRequest, v1.UploadFunctionResponse]
+	getFunction                     *connect.Client[v1.GetFunctionRequest, v1.GetFunctionResponse]
+	listFunctions                   *connect.Client[v1.ListFunctionsRequest, v1.ListFunctionsResponse]
+	updateFunctionCode              *connect.Client[v1.UpdateFunctionCodeRequest, v1.UpdateFunctionCodeResponse]
+	updateFunctionConfiguration     *connect.Client[v1.UpdateFunctionConfigurationRequest, v1.UpdateFunctionConfigurationResponse]
+	deleteFunction                  *connect.Client[v1.DeleteFunctionRequest, v1.DeleteFunctionResponse]
+	putFunctionConcurrency          *connect.Client[v1.PutFunctionConcurrencyRequest, v1.PutFunctionConcurrencyResponse]
+	deleteFunctionConcurrency       *connect.Client[v1.DeleteFunctionConcurrencyRequest, v1.DeleteFunctionConcurrencyResponse]
+	putFunctionEventInvokeConfig    *connect.Client[v1.PutFunctionEventInvokeConfigRequest, v1.PutFunctionEventInvokeConfigResponse]
+	getFunctionEventInvokeConfig    *connect.Client[v1.GetFunctionEventInvokeConfigRequest, v1.GetFunctionEventInvokeConfigResponse]
+	deleteFunctionEventInvokeConfig *connect.Client[v1.DeleteFunctionEventInvokeConfigRequest, v1.DeleteFunctionEventInvokeConfigResponse]
 }
 
 // CreateFunction calls skiff.v1.FunctionService.CreateFunction.
@@ -203,6 +238,21 @@ func (c *functionServiceClient) DeleteFunctionConcurrency(ctx context.Context, r
 	return c.deleteFunctionConcurrency.CallUnary(ctx, req)
 }
 
+// PutFunctionEventInvokeConfig calls skiff.v1.FunctionService.PutFunctionEventInvokeConfig.
+func (c *functionServiceClient) PutFunctionEventInvokeConfig(ctx context.Context, req *connect.Request[v1.PutFunctionEventInvokeConfigRequest]) (*connect.Response[v1.PutFunctionEventInvokeConfigResponse], error) {
+	return c.putFunctionEventInvokeConfig.CallUnary(ctx, req)
+}
+
+// GetFunctionEventInvokeConfig calls skiff.v1.FunctionService.GetFunctionEventInvokeConfig.
+func (c *functionServiceClient) GetFunctionEventInvokeConfig(ctx context.Context, req *connect.Request[v1.GetFunctionEventInvokeConfigRequest]) (*connect.Response[v1.GetFunctionEventInvokeConfigResponse], error) {
+	return c.getFunctionEventInvokeConfig.CallUnary(ctx, req)
+}
+
+// DeleteFunctionEventInvokeConfig calls skiff.v1.FunctionService.DeleteFunctionEventInvokeConfig.
+func (c *functionServiceClient) DeleteFunctionEventInvokeConfig(ctx context.Context, req *connect.Request[v1.DeleteFunctionEventInvokeConfigRequest]) (*connect.Response[v1.DeleteFunctionEventInvokeConfigResponse], error) {
+	return c.deleteFunctionEventInvokeConfig.CallUnary(ctx, req)
+}
+
 // FunctionServiceHandler is an implementation of the skiff.v1.FunctionService service.
 type FunctionServiceHandler interface {
 	CreateFunction(context.Context, *connect.Request[v1.CreateFunctionRequest]) (*connect.Response[v1.CreateFunctionResponse], error)
@@ -216,6 +266,11 @@ type FunctionServiceHandler interface {
 	DeleteFunction(context.Context, *connect.Request[v1.DeleteFunctionRequest]) (*connect.Response[v1.DeleteFunctionResponse], error)
 	PutFunctionConcurrency(context.Context, *connect.Request[v1.PutFunctionConcurrencyRequest]) (*connect.Response[v1.PutFunctionConcurrencyResponse], error)
 	DeleteFunctionConcurrency(context.Context, *connect.Request[v1.DeleteFunctionConcurrencyRequest]) (*connect.Response[v1.DeleteFunctionConcurrencyResponse], error)
+	// Event invoke config: retries, maximum event age and destinations of
+	// asynchronous invocations.
+	PutFunctionEventInvokeConfig(context.Context, *connect.Request[v1.PutFunctionEventInvokeConfigRequest]) (*connect.Response[v1.PutFunctionEventInvokeConfigResponse], error)
+	GetFunctionEventInvokeConfig(context.Context, *connect.Request[v1.GetFunctionEventInvokeConfigRequest]) (*connect.Response[v1.GetFunctionEventInvokeConfigResponse], error)
+	DeleteFunctionEventInvokeConfig(context.Context, *connect.Request[v1.DeleteFunctionEventInvokeConfigRequest]) (*connect.Response[v1.DeleteFunctionEventInvokeConfigResponse], error)
 }
 
 // NewFunctionServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -279,6 +334,24 @@ func NewFunctionServiceHandler(svc FunctionServiceHandler, opts ...connect.Handl
 		connect.WithSchema(functionServiceMethods.ByName("DeleteFunctionConcurrency")),
 		connect.WithHandlerOptions(opts...),
 	)
+	functionServicePutFunctionEventInvokeConfigHandler := connect.NewUnaryHandler(
+		FunctionServicePutFunctionEventInvokeConfigProcedure,
+		svc.PutFunctionEventInvokeConfig,
+		connect.WithSchema(functionServiceMethods.ByName("PutFunctionEventInvokeConfig")),
+		connect.WithHandlerOptions(opts...),
+	)
+	functionServiceGetFunctionEventInvokeConfigHandler := connect.NewUnaryHandler(
+		FunctionServiceGetFunctionEventInvokeConfigProcedure,
+		svc.GetFunctionEventInvokeConfig,
+		connect.WithSchema(functionServiceMethods.ByName("GetFunctionEventInvokeConfig")),
+		connect.WithHandlerOptions(opts...),
+	)
+	functionServiceDeleteFunctionEventInvokeConfigHandler := connect.NewUnaryHandler(
+		FunctionServiceDeleteFunctionEventInvokeConfigProcedure,
+		svc.DeleteFunctionEventInvokeConfig,
+		connect.WithSchema(functionServiceMethods.ByName("DeleteFunctionEventInvokeConfig")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/skiff.v1.FunctionService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case FunctionServiceCreateFunctionProcedure:
@@ -299,6 +372,12 @@ func NewFunctionServiceHandler(svc FunctionServiceHandler, opts ...connect.Handl
 			functionServicePutFunctionConcurrencyHandler.ServeHTTP(w, r)
 		case FunctionServiceDeleteFunctionConcurrencyProcedure:
 			functionServiceDeleteFunctionConcurrencyHandler.ServeHTTP(w, r)
+		case FunctionServicePutFunctionEventInvokeConfigProcedure:
+			functionServicePutFunctionEventInvokeConfigHandler.ServeHTTP(w, r)
+		case FunctionServiceGetFunctionEventInvokeConfigProcedure:
+			functionServiceGetFunctionEventInvokeConfigHandler.ServeHTTP(w, r)
+		case FunctionServiceDeleteFunctionEventInvokeConfigProcedure:
+			functionServiceDeleteFunctionEventInvokeConfigHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -342,4 +421,16 @@ func (UnimplementedFunctionServiceHandler) PutFunctionConcurrency(context.Contex
 
 func (UnimplementedFunctionServiceHandler) DeleteFunctionConcurrency(context.Context, *connect.Request[v1.DeleteFunctionConcurrencyRequest]) (*connect.Response[v1.DeleteFunctionConcurrencyResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.FunctionService.DeleteFunctionConcurrency is not implemented"))
+}
+
+func (UnimplementedFunctionServiceHandler) PutFunctionEventInvokeConfig(context.Context, *connect.Request[v1.PutFunctionEventInvokeConfigRequest]) (*connect.Response[v1.PutFunctionEventInvokeConfigResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.FunctionService.PutFunctionEventInvokeConfig is not implemented"))
+}
+
+func (UnimplementedFunctionServiceHandler) GetFunctionEventInvokeConfig(context.Context, *connect.Request[v1.GetFunctionEventInvokeConfigRequest]) (*connect.Response[v1.GetFunctionEventInvokeConfigResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.FunctionService.GetFunctionEventInvokeConfig is not implemented"))
+}
+
+func (UnimplementedFunctionServiceHandler) DeleteFunctionEventInvokeConfig(context.Context, *connect.Request[v1.DeleteFunctionEventInvokeConfigRequest]) (*connect.Response[v1.DeleteFunctionEventInvokeConfigResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.FunctionService.DeleteFunctionEventInvokeConfig is not implemented"))
 }

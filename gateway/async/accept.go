@@ -1,0 +1,129 @@
+package async
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"hash/fnv"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	"skiff.dev/skiff/internal/errs"
+)
+
+// Accept stores an event for function under requestID and returns once
+// JetStream has stored it with the configured durability (the publish
+// ack). A second accept of the same request id within the dedup window is
+// acknowledged without storing the event again. The caller has checked
+// that the function exists.
+func (s *Service) Accept(ctx context.Context, function string, payload []byte, requestID string) error {
+	return s.accept(ctx, function, payload, requestID, 0)
+}
+
+// InvokeAsync accepts an event with a new request id at a destination-chain
+// depth (the function destination of gateway/destinations).
+func (s *Service) InvokeAsync(ctx context.Context, function string, payload []byte, depth int) error {
+	return s.accept(ctx, function, payload, NewRequestID(), depth)
+}
+
+func (s *Service) accept(ctx context.Context, function string, payload []byte, requestID string, depth int) error {
+	if n := len(payload); n > s.cfg.MaxPayload {
+		return errs.Invalid("payload", "async payload is %d bytes, over the %d-byte limit", n, s.cfg.MaxPayload)
+	}
+	if requestID == "" {
+		return errs.Invalid("request_id", "request id is required")
+	}
+	msg := &nats.Msg{
+		Subject: s.QueueFor(function),
+		Data:    payload,
+		Header: nats.Header{
+			HeaderRequestID: {requestID},
+			HeaderFunction:  {function},
+			HeaderAccepted:  {s.now().UTC().Format(time.RFC3339Nano)},
+			HeaderAttempt:   {"0"},
+			HeaderDepth:     {strconv.Itoa(depth)},
+		},
+	}
+	ack, err := s.js.PublishMsg(ctx, msg, jetstream.WithMsgID(requestID))
+	if err != nil {
+		return publishErr(err)
+	}
+	if !ack.Duplicate {
+		s.met.received.Inc()
+	}
+	return nil
+}
+
+// publishErr maps a failed publish: a context error keeps its kind, a
+// refused or unanswered publish is Unavailable (the client may retry with
+// the same request id).
+func publishErr(err error) error {
+	switch {
+	case errors.Is(err, context.Canceled):
+		return errs.New(errs.KindCanceled, "storing async event: %w", err)
+	case errors.Is(err, context.DeadlineExceeded):
+		return errs.New(errs.KindDeadlineExceeded, "storing async event: %w", err)
+	}
+	return errs.Unavailable("storing async event: %w", err)
+}
+
+// QueueFor returns the subject new events of function are published to:
+// its dedicated queue when the state manager gave it one, else one of the
+// shared queues chosen by a hash of the name.
+func (s *Service) QueueFor(function string) string {
+	if v, ok := s.routes.get(function); ok {
+		return v.(string)
+	}
+	h := fnv.New32a()
+	h.Write([]byte(function))
+	return SharedSubject(int(h.Sum32() % uint32(s.cfg.SharedQueues)))
+}
+
+// SetDedicated routes a function's new events to its dedicated queue (on)
+// or back to the shared queues. Events already queued stay where they are
+// and are processed there, so a move neither loses nor duplicates events.
+func (s *Service) SetDedicated(ctx context.Context, function string, on bool) error {
+	_, has := s.routes.get(function)
+	switch {
+	case on && !has:
+		if _, err := s.ensureConsumer(ctx, DedicatedSubject(function)); err != nil {
+			return err
+		}
+		return s.routes.put(ctx, function, []byte(DedicatedSubject(function)))
+	case !on && has:
+		return s.routes.del(ctx, function)
+	}
+	return nil
+}
+
+// Dedicated returns the functions routed to a dedicated queue.
+func (s *Service) Dedicated() map[string]bool {
+	out := map[string]bool{}
+	for fn := range s.routes.all() {
+		out[fn] = true
+	}
+	return out
+}
+
+// NewRequestID returns a random (version 4) UUID.
+func NewRequestID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
+	b[6] = b[6]&0x0f | 0x40
+	b[8] = b[8]&0x3f | 0x80
+	var s [36]byte
+	hex.Encode(s[0:8], b[0:4])
+	s[8] = '-'
+	hex.Encode(s[9:13], b[4:6])
+	s[13] = '-'
+	hex.Encode(s[14:18], b[6:8])
+	s[18] = '-'
+	hex.Encode(s[19:23], b[8:10])
+	s[23] = '-'
+	hex.Encode(s[24:], b[10:])
+	return string(s[:])
+}

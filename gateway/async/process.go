@@ -1,0 +1,358 @@
+package async
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/nats-io/nats.go"
+	"github.com/nats-io/nats.go/jetstream"
+
+	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/gateway/destinations"
+	"skiff.dev/skiff/internal/errs"
+)
+
+// ackTimeout bounds one acknowledgement or retry publish.
+const ackTimeout = 10 * time.Second
+
+// event is an async event as read from its message headers.
+type event struct {
+	requestID string
+	function  string
+	accepted  time.Time
+	attempt   int // attempts already made
+	depth     int
+	notBefore time.Time // zero: at once
+	payload   []byte
+}
+
+func parseEvent(m jetstream.Msg) (event, error) {
+	h := m.Headers()
+	ev := event{requestID: h.Get(HeaderRequestID), function: h.Get(HeaderFunction), payload: m.Data()}
+	if ev.requestID == "" || ev.function == "" {
+		return ev, errors.New("event without request id or function")
+	}
+	var err error
+	if ev.accepted, err = time.Parse(time.RFC3339Nano, h.Get(HeaderAccepted)); err != nil {
+		return ev, fmt.Errorf("accepted time: %w", err)
+	}
+	if ev.attempt, err = strconv.Atoi(h.Get(HeaderAttempt)); err != nil || ev.attempt < 0 {
+		return ev, fmt.Errorf("attempt %q is not a count", h.Get(HeaderAttempt))
+	}
+	if ev.depth, err = strconv.Atoi(h.Get(HeaderDepth)); err != nil || ev.depth < 0 {
+		return ev, fmt.Errorf("depth %q is not a count", h.Get(HeaderDepth))
+	}
+	if nb := h.Get(HeaderNotBefore); nb != "" {
+		ns, err := strconv.ParseInt(nb, 10, 64)
+		if err != nil {
+			return ev, fmt.Errorf("not-before %q: %w", nb, err)
+		}
+		ev.notBefore = time.Unix(0, ns)
+	}
+	return ev, nil
+}
+
+// isPlatform reports whether an invoke error is the platform's (retried
+// without counting an attempt) rather than the caller's or the function's.
+func isPlatform(err error) bool {
+	switch errs.KindOf(err) {
+	case errs.KindThrottled, errs.KindResourceExhausted, errs.KindUnavailable, errs.KindInternal,
+		errs.KindDeadlineExceeded, errs.KindCanceled:
+		return true
+	case errs.KindUnknown:
+		return errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded)
+	}
+	return false
+}
+
+// process handles one delivery of an event.
+func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
+	s := p.s
+	ev, err := parseEvent(m)
+	if err != nil {
+		s.log.Error("dropping an unreadable async event", "queue", pl.subject, "err", err)
+		s.met.dropped.WithLabelValues("malformed").Inc()
+		if p.fenced(ctx, pl) {
+			_ = m.Term()
+		}
+		return
+	}
+	log := s.log.With("request_id", ev.requestID, "function", ev.function)
+	pol := s.policyFor(ev.function)
+	now := s.now()
+	deadline := ev.accepted.Add(pol.maxAge)
+	age := now.Sub(ev.accepted)
+	if age > pol.maxAge {
+		s.met.outcomes.WithLabelValues(outcomeAgeExceeded).Inc()
+		log.Info("async event too old: not invoked", "age", age, "max_age", pol.maxAge, "attempts", ev.attempt)
+		p.finish(ctx, pl, m, ev, func() { p.fail(ctx, ev, pol, destinations.ConditionEventAgeExceeded, nil, ev.attempt) })
+		return
+	}
+	if ev.notBefore.After(now) {
+		// A retry that is not due yet (or due after the age limit: then
+		// it comes back just after the limit and expires).
+		due := ev.notBefore
+		if deadline.Before(due) {
+			due = deadline
+		}
+		_ = m.NakWithDelay(due.Sub(now) + time.Millisecond)
+		return
+	}
+	s.met.eventAge.Observe(age.Seconds())
+
+	start := time.Now()
+	resp, err := p.invoke(ctx, m, ev)
+	switch {
+	case err != nil && isPlatform(err):
+		outcome := outcomePlatformError
+		if errs.IsThrottled(err) {
+			outcome = outcomeThrottled
+		}
+		s.met.outcomes.WithLabelValues(outcome).Inc()
+		s.met.invokeTime.WithLabelValues(outcome).Observe(time.Since(start).Seconds())
+		if ctx.Err() != nil { // the pool is closing: give the event back at once
+			_ = m.Nak()
+			return
+		}
+		d := p.platformDelay(m, err)
+		log.Debug("async invoke hit a platform error; retrying without counting an attempt", "err", err, "delay", d)
+		_ = m.NakWithDelay(d)
+		return
+	case err != nil && errs.IsNotFound(err):
+		// The function was deleted: its events are discarded.
+		s.met.dropped.WithLabelValues("function_not_found").Inc()
+		log.Info("dropping async event of a missing function", "err", err)
+		p.finish(ctx, pl, m, ev, nil)
+		return
+	case err != nil:
+		// A caller error (the event itself cannot run): counts as a
+		// failed attempt with no response.
+		resp = &skiffv1.InvokeResponse{StatusCode: int32(errs.ToConnect(err).Code()), FunctionError: "Unhandled",
+			Payload: errorPayload(errs.KindOf(err).String(), err.Error()), ExecutedVersion: "$LATEST"}
+		log.Warn("async invoke refused", "err", err)
+	}
+	if resp.GetFunctionError() == "" {
+		s.met.outcomes.WithLabelValues(outcomeSuccess).Inc()
+		s.met.invokeTime.WithLabelValues(outcomeSuccess).Observe(time.Since(start).Seconds())
+		p.finish(ctx, pl, m, ev, func() {
+			if pol.onSuccess != "" {
+				p.deliver(ctx, "on_success", pol.onSuccess, ev, p.record(ev, destinations.ConditionSuccess, resp, ev.attempt+1))
+			}
+		})
+		return
+	}
+	s.met.invokeTime.WithLabelValues(outcomeFailed).Observe(time.Since(start).Seconds())
+	attempts := ev.attempt + 1
+	if attempts <= pol.maxRetries {
+		s.met.outcomes.WithLabelValues(outcomeRetried).Inc()
+		delay := s.cfg.RetryDelay << (attempts - 1)
+		log.Info("async invoke failed; retrying", "attempt", attempts, "delay", delay, "function_error", resp.GetFunctionError())
+		if !p.fenced(ctx, pl) {
+			_ = m.Nak()
+			return
+		}
+		if err := p.publishRetry(ctx, ev, attempts, s.now().Add(delay)); err != nil {
+			log.Warn("publishing the retry failed; the event comes back", "err", err)
+			_ = m.NakWithDelay(p.s.cfg.PlatformBase)
+			return
+		}
+		p.ack(ctx, m, log)
+		return
+	}
+	s.met.outcomes.WithLabelValues(outcomeFailed).Inc()
+	log.Info("async invoke failed; retries exhausted", "attempts", attempts, "function_error", resp.GetFunctionError())
+	p.finish(ctx, pl, m, ev, func() { p.fail(ctx, ev, pol, destinations.ConditionRetriesExhausted, resp, attempts) })
+}
+
+// invoke runs the event through the sync path, telling JetStream the event
+// is in progress so it is not redelivered while the function runs.
+func (p *Pool) invoke(ctx context.Context, m jetstream.Msg, ev event) (*skiffv1.InvokeResponse, error) {
+	done := make(chan struct{})
+	defer close(done)
+	go func() {
+		t := time.NewTicker(p.s.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-done:
+				return
+			case <-t.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	return p.inv.InvokeSync(ctx, ev.function, ev.payload, ev.requestID)
+}
+
+// platformDelay is the backoff after a platform error: it doubles with
+// each redelivery, from PlatformBase up to PlatformMax, and is at least
+// the error's retry hint.
+func (p *Pool) platformDelay(m jetstream.Msg, err error) time.Duration {
+	n := uint64(1)
+	if md, merr := m.Metadata(); merr == nil && md.NumDelivered > 0 {
+		n = md.NumDelivered
+	}
+	d := p.s.cfg.PlatformBase << min(n-1, 20)
+	d = min(d, p.s.cfg.PlatformMax)
+	var e *errs.Error
+	if errors.As(err, &e) && e.Retry > d {
+		d = min(e.Retry, p.s.cfg.PlatformMax)
+	}
+	return d
+}
+
+// finish runs then (delivery of the outcome) and acknowledges the event,
+// both only while the lease is held; otherwise the event goes back.
+func (p *Pool) finish(ctx context.Context, pl *poller, m jetstream.Msg, ev event, then func()) {
+	if !p.fenced(ctx, pl) {
+		_ = m.Nak()
+		return
+	}
+	if then != nil {
+		then()
+	}
+	p.ack(ctx, m, p.s.log.With("request_id", ev.requestID, "function", ev.function))
+}
+
+// fenced reports whether pl still holds its lease (at its epoch).
+func (p *Pool) fenced(ctx context.Context, pl *poller) bool {
+	if p.fence == nil {
+		return true
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
+	defer cancel()
+	if err := p.fence.Check(cctx, pl.lease); err != nil {
+		p.s.log.Warn("async poller lost its lease: not acknowledging", "queue", pl.subject, "lease", pl.lease.String(), "err", err)
+		p.Lost(pl.lease)
+		return false
+	}
+	return true
+}
+
+func (p *Pool) ack(ctx context.Context, m jetstream.Msg, log interface{ Warn(string, ...any) }) {
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
+	defer cancel()
+	if err := m.DoubleAck(cctx); err != nil {
+		log.Warn("acknowledging an async event failed; it will be processed again", "err", err)
+	}
+}
+
+// publishRetry stores the next attempt of an event, due at notBefore. The
+// message id makes a repeated publish of the same attempt a no-op.
+func (p *Pool) publishRetry(ctx context.Context, ev event, attempt int, notBefore time.Time) error {
+	msg := &nats.Msg{
+		Subject: p.s.QueueFor(ev.function),
+		Data:    ev.payload,
+		Header: nats.Header{
+			HeaderRequestID: {ev.requestID},
+			HeaderFunction:  {ev.function},
+			HeaderAccepted:  {ev.accepted.UTC().Format(time.RFC3339Nano)},
+			HeaderAttempt:   {strconv.Itoa(attempt)},
+			HeaderDepth:     {strconv.Itoa(ev.depth)},
+			HeaderNotBefore: {strconv.FormatInt(notBefore.UnixNano(), 10)},
+		},
+	}
+	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
+	defer cancel()
+	_, err := p.s.js.PublishMsg(cctx, msg, jetstream.WithMsgID(ev.requestID+"/"+strconv.Itoa(attempt)))
+	if err != nil {
+		return publishErr(err)
+	}
+	return nil
+}
+
+// record builds the invocation record of an outcome.
+func (p *Pool) record(ev event, condition string, resp *skiffv1.InvokeResponse, invokes int) *destinations.Record {
+	rec := &destinations.Record{
+		Version:   destinations.RecordVersion,
+		Timestamp: destinations.Timestamp(p.s.now()),
+		RequestContext: destinations.RequestContext{
+			RequestID:              ev.requestID,
+			FunctionArn:            p.s.FunctionARN(ev.function) + ":$LATEST",
+			Condition:              condition,
+			ApproximateInvokeCount: invokes,
+		},
+		RequestPayload: ev.payload,
+	}
+	if resp != nil {
+		rec.ResponseContext = destinations.ResponseContext{
+			StatusCode:      int(resp.GetStatusCode()),
+			ExecutedVersion: resp.GetExecutedVersion(),
+			FunctionError:   resp.GetFunctionError(),
+		}
+		rec.ResponsePayload = resp.GetPayload()
+	}
+	return rec
+}
+
+// fail sends a failed event's record to OnFailure, else its payload to the
+// dead-letter queue, else drops it (counted).
+func (p *Pool) fail(ctx context.Context, ev event, pol policy, condition string, resp *skiffv1.InvokeResponse, invokes int) {
+	switch {
+	case pol.onFailure != "":
+		p.deliver(ctx, "on_failure", pol.onFailure, ev, p.record(ev, condition, resp, invokes))
+	case pol.dlq != "":
+		p.sendDLQ(ctx, ev, pol.dlq, condition, resp)
+	default:
+		p.s.met.dropped.WithLabelValues(condition).Inc()
+	}
+}
+
+func (p *Pool) deliver(ctx context.Context, which, target string, ev event, rec *destinations.Record) {
+	if p.dest == nil {
+		p.s.met.destFailures.WithLabelValues(which).Inc()
+		p.s.log.Warn("no destination writer: record not delivered", "request_id", ev.requestID, "target", target)
+		return
+	}
+	if err := p.dest.Deliver(context.WithoutCancel(ctx), target, ev.depth, rec); err != nil {
+		p.s.met.destFailures.WithLabelValues(which).Inc()
+		p.s.log.Warn("delivering the invocation record failed", "request_id", ev.requestID, "function", ev.function, "destination", which, "err", err)
+	}
+}
+
+// sendDLQ sends the original payload with Lambda's dead-letter attributes:
+// RequestID, ErrorCode and ErrorMessage.
+func (p *Pool) sendDLQ(ctx context.Context, ev event, queue, condition string, resp *skiffv1.InvokeResponse) {
+	attrs := map[string]string{"RequestID": ev.requestID, "ErrorCode": "0", "ErrorMessage": condition}
+	if resp != nil {
+		attrs["ErrorCode"] = strconv.Itoa(int(resp.GetStatusCode()))
+		if msg := errorMessage(resp.GetPayload()); msg != "" {
+			attrs["ErrorMessage"] = msg
+		}
+	}
+	if p.dlq == nil {
+		p.s.met.dlqErrors.Inc()
+		p.s.log.Warn("no dead-letter sender: event dropped", "request_id", ev.requestID, "queue", queue)
+		return
+	}
+	if err := p.dlq.Send(context.WithoutCancel(ctx), queue, ev.payload, attrs); err != nil {
+		p.s.met.dlqErrors.Inc()
+		p.s.log.Warn("sending to the dead-letter queue failed", "request_id", ev.requestID, "queue", queue, "err", err)
+		return
+	}
+	p.s.met.dlqSent.Inc()
+}
+
+// errorMessage returns the errorMessage of a Lambda error payload,
+// truncated to 1 KB as Lambda's dead-letter attribute.
+func errorMessage(payload []byte) string {
+	var e struct {
+		ErrorMessage string `json:"errorMessage"`
+	}
+	if json.Unmarshal(payload, &e) != nil {
+		return ""
+	}
+	if len(e.ErrorMessage) > 1024 {
+		return e.ErrorMessage[:1024]
+	}
+	return e.ErrorMessage
+}
+
+func errorPayload(typ, msg string) []byte {
+	b, _ := json.Marshal(map[string]string{"errorType": typ, "errorMessage": msg})
+	return b
+}
