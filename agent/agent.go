@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -24,6 +25,7 @@ import (
 	"skiff.dev/skiff/agent/sandbox"
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
+	"skiff.dev/skiff/ebpf"
 	"skiff.dev/skiff/internal/archive"
 	"skiff.dev/skiff/vmm/jail"
 )
@@ -48,6 +50,16 @@ type Config struct {
 	Code     codecache.Fetcher
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
+
+	// NetworkSubnet holds the sandboxes' addresses (a /30 each); default
+	// 10.253.0.0/16. Agents sharing a network namespace need disjoint ones.
+	NetworkSubnet netip.Prefix
+	// NetworkResolver is the sandboxes' DNS server; default the host's
+	// first nameserver a sandbox can reach, or 1.1.1.1.
+	NetworkResolver netip.Addr
+	// DisableNetwork runs without sandbox networking (no veths, no eBPF):
+	// sandboxes with network "egress" are then refused.
+	DisableNetwork bool
 }
 
 // Agent runs sandboxes on one host.
@@ -99,12 +111,18 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(filepath.Dir(cfg.RunDir), 0o711); err != nil {
 		return nil, fmt.Errorf("creating %s: %w", filepath.Dir(cfg.RunDir), err)
 	}
-	jm, err := jail.New(jail.Config{
+	jcfg := jail.Config{
 		RunDir:     cfg.RunDir,
 		CgroupName: cfg.CgroupName,
 		PoolSize:   jail.DefaultPoolSize,
 		Logger:     cfg.Logger,
-	})
+	}
+	if !cfg.DisableNetwork {
+		// The tag derives from RunDir (a hash of DataDir): a restarted
+		// agent reclaims the links and rules of a crashed run.
+		jcfg.Net = &jail.NetConfig{Subnet: cfg.NetworkSubnet, Resolver: cfg.NetworkResolver}
+	}
+	jm, err := jail.New(jcfg)
 	if err != nil {
 		return nil, fmt.Errorf("starting jail: %w", err)
 	}
@@ -216,6 +234,7 @@ func (l jailLauncher) Launch(s sandbox.LaunchSpec) (sandbox.Process, error) {
 		Stdout:      s.Output,
 		Stderr:      s.Output,
 		ListenAddr:  sandbox.RuntimeAPIAddr,
+		Network:     netSpec(s.Network),
 	})
 	if err != nil {
 		return nil, err
@@ -223,7 +242,18 @@ func (l jailLauncher) Launch(s sandbox.LaunchSpec) (sandbox.Process, error) {
 	return jailProcess{sb}, nil
 }
 
+func netSpec(p *ebpf.Policy) *jail.NetSpec {
+	if p == nil {
+		return nil
+	}
+	return &jail.NetSpec{Policy: *p}
+}
+
+// jailProcess is a jailed sandbox; its NetCounters make it a
+// sandbox.NetCounter.
 type jailProcess struct{ *jail.Sandbox }
+
+var _ sandbox.NetCounter = jailProcess{}
 
 func (p jailProcess) ExitReason() (string, bool) {
 	e := p.Exit()

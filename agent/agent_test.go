@@ -42,7 +42,7 @@ func newAgent(t *testing.T, cgroup string) (*Agent, string) {
 	sum := sha256.Sum256(zip)
 	digest := hex.EncodeToString(sum[:])
 	dir := t.TempDir()
-	a, err := New(Config{DataDir: dir, MemoryMB: 2048, Code: zipFetcher{digest: zip}, CgroupName: cgroup})
+	a, err := New(Config{DataDir: dir, MemoryMB: 2048, Code: zipFetcher{digest: zip}, CgroupName: cgroup, NetworkSubnet: testSubnet()})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"os"
 	"runtime"
 	"sync"
 
@@ -190,8 +191,11 @@ func (t *Thread) Close() {
 	<-t.exited
 }
 
-// create makes a new network namespace with loopback up. It must run on a
-// Thread (which switches back afterwards).
+// create makes a new network namespace with loopback up, IPv6 disabled
+// (so nothing bypasses the IPv4 egress policy of a sandbox veth) and
+// unprivileged ICMP echo sockets allowed (ping works through the policy,
+// like TCP and UDP). It must run on a Thread (which switches back
+// afterwards).
 func create() (*NS, error) {
 	if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 		return nil, fmt.Errorf("unshare netns: %w", err)
@@ -201,6 +205,10 @@ func create() (*NS, error) {
 		return nil, fmt.Errorf("opening new netns: %w", err)
 	}
 	if err := loopbackUp(); err != nil {
+		unix.Close(fd)
+		return nil, err
+	}
+	if err := sysctls(); err != nil {
 		unix.Close(fd)
 		return nil, err
 	}
@@ -224,6 +232,27 @@ func loopbackUp() error {
 	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
 	if err := unix.IoctlIfreq(s, unix.SIOCSIFFLAGS, ifr); err != nil {
 		return fmt.Errorf("loopback up: %w", err)
+	}
+	return nil
+}
+
+// nsSysctls are set in every new namespace; /proc/sys/net belongs to the
+// namespace of the thread that opens it.
+var nsSysctls = []struct {
+	path, value string
+	optional    bool // absent when the kernel lacks the feature
+}{
+	{"/proc/sys/net/ipv6/conf/all/disable_ipv6", "1", true},
+	{"/proc/sys/net/ipv6/conf/default/disable_ipv6", "1", true},
+	{"/proc/sys/net/ipv4/ping_group_range", "0 2147483647", false},
+}
+
+func sysctls() error {
+	for _, s := range nsSysctls {
+		err := os.WriteFile(s.path, []byte(s.value), 0)
+		if err != nil && !(s.optional && errors.Is(err, os.ErrNotExist)) {
+			return fmt.Errorf("sysctl %s: %w", s.path, err)
+		}
 	}
 	return nil
 }

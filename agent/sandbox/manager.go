@@ -111,6 +111,9 @@ func (m *Manager) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 	if req.GetRequestId() == "" {
 		return nil, errs.Invalid("request_id", "invoke request needs a request id")
 	}
+	if _, err := networkPolicy(spec); err != nil {
+		return nil, err
+	}
 	m.inflight.Add(1)
 	defer m.inflight.Done()
 	for attempt := 0; ; attempt++ {
@@ -147,7 +150,7 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 		if fail != nil { // init failed: the invocation reports it
 			initLog = sb.out.Take()
 			m.discard(sb)
-			return m.respond(req, sb, *fail, true, initDur, 0, initLog), false, nil
+			return m.respond(req, sb, *fail, true, initDur, 0, initLog, nil), false, nil
 		}
 	}
 
@@ -167,8 +170,16 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 	if inv.TraceID == "" {
 		inv.TraceID = traceID(start)
 	}
+	before, hasNet := m.netRead(sb)
 	o, err := sb.invoke(ctx, inv, timeout)
 	dur := m.cfg.Now().Sub(start)
+	var net *netUsage
+	if hasNet {
+		if after, ok := m.netRead(sb); ok {
+			u := usage(diff(after, before))
+			net = &u
+		}
+	}
 	if err != nil {
 		m.discard(sb)
 		return nil, false, err
@@ -181,7 +192,7 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 	if !o.healthy {
 		m.discard(sb)
 	}
-	resp := m.respond(req, sb, o, cold, initDur, dur, nil)
+	resp := m.respond(req, sb, o, cold, initDur, dur, nil, net)
 	if o.healthy {
 		m.release(sb)
 	}
@@ -189,7 +200,7 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 }
 
 // respond builds the agent's response with the invocation's framed log.
-func (m *Manager) respond(req *skiffv1.AgentInvokeRequest, sb *Sandbox, o outcome, cold bool, initDur, dur time.Duration, initLog []byte) *skiffv1.AgentInvokeResponse {
+func (m *Manager) respond(req *skiffv1.AgentInvokeRequest, sb *Sandbox, o outcome, cold bool, initDur, dur time.Duration, initLog []byte, net *netUsage) *skiffv1.AgentInvokeResponse {
 	spec := req.GetSpec()
 	maxMem := sb.proc.MaxMemoryBytes()
 	var text []byte
@@ -200,6 +211,9 @@ func (m *Manager) respond(req *skiffv1.AgentInvokeRequest, sb *Sandbox, o outcom
 		text = sb.out.Take()
 	}
 	log := frameLog(req.GetRequestId(), spec, text, o.note, dur, initDur, cold, maxMem)
+	if net != nil {
+		log += skiffLine(req.GetRequestId(), *net)
+	}
 	m.metrics.observe(spec.GetFunctionName(), cold, initDur, o.functionError != "")
 	resp := &skiffv1.AgentInvokeResponse{
 		Payload:            o.payload,
@@ -210,6 +224,9 @@ func (m *Manager) respond(req *skiffv1.AgentInvokeRequest, sb *Sandbox, o outcom
 		MaxMemoryUsedBytes: maxMem,
 		SandboxId:          sb.id,
 		Host:               m.cfg.Host,
+	}
+	if net != nil {
+		resp.NetworkBytesOut, resp.NetworkBytesIn = int64(net.out), int64(net.in)
 	}
 	if req.GetWantLog() {
 		resp.Log = log
@@ -326,6 +343,12 @@ func (m *Manager) start(ctx context.Context, spec *skiffv1.SandboxSpec) (*Sandbo
 	if eph <= 0 {
 		eph = 512
 	}
+	policy, err := networkPolicy(spec)
+	if err != nil {
+		_ = out.Close()
+		m.cfg.Ledger.Release(memMB)
+		return nil, 0, nil, err
+	}
 	proc, err := m.cfg.Launcher.Launch(LaunchSpec{
 		ID:          id,
 		CodeDir:     codeDir,
@@ -334,6 +357,7 @@ func (m *Manager) start(ctx context.Context, spec *skiffv1.SandboxSpec) (*Sandbo
 		MemoryMB:    int(memMB),
 		EphemeralMB: eph,
 		Output:      out.writer(),
+		Network:     policy,
 	})
 	if err != nil {
 		_ = out.Close()
@@ -342,7 +366,7 @@ func (m *Manager) start(ctx context.Context, spec *skiffv1.SandboxSpec) (*Sandbo
 	}
 	sctx, cancel := context.WithCancelCause(context.Background())
 	sb := &Sandbox{
-		id: id, spec: spec, memoryMB: memMB, proc: proc, out: out, created: began,
+		id: id, spec: spec, memoryMB: memMB, proc: proc, out: out, created: began, network: policy != nil,
 		rapi:   runtimeapi.NewServer(runtimeapi.Config{Logger: m.cfg.Logger}),
 		ctx:    sctx,
 		cancel: cancel,
@@ -467,6 +491,7 @@ func (m *Manager) discard(sb *Sandbox) {
 	m.mu.Lock()
 	delete(m.all, sb.id)
 	m.mu.Unlock()
+	m.netRead(sb) // traffic since the last invocation, into the metrics
 	if err := sb.close(); err != nil {
 		m.cfg.Logger.Warn("closing sandbox", "sandbox", sb.id, "err", err)
 	}

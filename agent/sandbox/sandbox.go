@@ -12,6 +12,7 @@ import (
 
 	"skiff.dev/skiff/agent/runtimeapi"
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/ebpf"
 )
 
 // Process is an isolated function process; vmm/jail provides the real one.
@@ -38,7 +39,8 @@ type LaunchSpec struct {
 	Argv, Env   []string
 	MemoryMB    int
 	EphemeralMB int
-	Output      *os.File // stdout and stderr
+	Output      *os.File     // stdout and stderr
+	Network     *ebpf.Policy // nil: loopback only (network "none")
 }
 
 // Launcher starts isolated processes.
@@ -59,6 +61,7 @@ type Sandbox struct {
 	rapi     *runtimeapi.Server
 	out      *output
 	created  time.Time
+	network  bool // launched with a network
 
 	ctx    context.Context // canceled with errExited when the process ends
 	cancel context.CancelCauseFunc
@@ -67,9 +70,10 @@ type Sandbox struct {
 	closeErr  error
 
 	mu          sync.Mutex
-	state       State     // guarded by mu
-	lastUsed    time.Time // guarded by mu
-	invocations int64     // guarded by mu
+	state       State         // guarded by mu
+	lastUsed    time.Time     // guarded by mu
+	invocations int64         // guarded by mu
+	netLast     ebpf.Counters // guarded by mu: counters at the last read
 }
 
 // ID returns the sandbox's id.

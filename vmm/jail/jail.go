@@ -63,6 +63,10 @@ type Config struct {
 	// holds in its network namespace (default "127.0.0.1:9001", the Runtime
 	// API's). A Spec with another ListenAddr gets its listener at Start.
 	PoolListenAddr string
+
+	// Net enables sandbox networking (Spec.Network). Nil: every sandbox
+	// has loopback only, and a Spec with a Network is refused.
+	Net *NetConfig
 }
 
 // DefaultPoolSize is the recommended Config.PoolSize: enough pre-started
@@ -88,6 +92,7 @@ type Manager struct {
 	ownPool bool
 	inits   *initPool
 	cg      cgroup.Manager
+	net     *sandboxNet // nil without Config.Net
 	host    hostLayout
 	devnull *os.File
 	rootDir string // mount point of each sandbox's new root (in its own mount namespace)
@@ -170,21 +175,28 @@ func New(cfg Config) (*Manager, error) {
 		}
 		m.ownPool = true
 	}
-	m.inits = newInitPool(m, max(cfg.PoolSize, 0), cfg.PoolListenAddr)
+	if cfg.Net != nil {
+		if m.net, err = newSandboxNet(*cfg.Net, runDir, m); err != nil {
+			return fail(err)
+		}
+		m.host.ResolvConf = netns.ResolvConf(m.net.resolver)
+	}
+	m.inits = newInitPool(m, max(cfg.PoolSize, 0), cfg.PoolListenAddr, m.net != nil)
 	m.inits.start()
 	return m, nil
 }
 
 // Stats says how sandboxes were started.
 type Stats struct {
-	PoolIdle   int    // pre-started inits ready now
-	PoolHits   uint64 // Starts (failed ones too) that handed their sandbox to a pre-started init
-	PoolMisses uint64 // Starts that forked their own init (pool empty or disabled)
+	PoolIdle    int    // pre-started inits ready now
+	PoolIdleNet int    // of those, the ones with a veth already
+	PoolHits    uint64 // Starts (failed ones too) that handed their sandbox to a pre-started init
+	PoolMisses  uint64 // Starts that forked their own init (pool empty or disabled)
 }
 
 // Stats reports the pool's state and counters.
 func (m *Manager) Stats() Stats {
-	return Stats{PoolIdle: m.inits.idleCount(), PoolHits: m.inits.hits.Load(), PoolMisses: m.inits.misses.Load()}
+	return Stats{PoolIdle: m.inits.idleCount(), PoolIdleNet: m.inits.idleOf(kindVeth), PoolHits: m.inits.hits.Load(), PoolMisses: m.inits.misses.Load()}
 }
 
 // CgroupVersion is 1 or 2, as detected.
@@ -215,8 +227,9 @@ func ensureEmptyDir(dir string) error {
 }
 
 // Reclaim removes what a crashed previous run left: every cgroup under
-// CgroupName (after killing its processes), mounts under RunDir and RunDir
-// leftovers. Call it before starting sandboxes. The pool of pre-started
+// CgroupName (after killing its processes), mounts under RunDir, RunDir
+// leftovers, and with networking the links of the agent's tag (and its
+// nftables table, reinstalled). Call it before starting sandboxes. The pool of pre-started
 // inits is emptied first and refilled afterwards.
 func (m *Manager) Reclaim() error {
 	var errsOut []error
@@ -259,8 +272,14 @@ func (m *Manager) Reclaim() error {
 	if err := ensureEmptyDir(m.rootDir); err != nil {
 		errsOut = append(errsOut, err)
 	}
-	if n+len(mounts)+files > 0 {
-		m.log.Info("reclaimed sandbox leftovers", "cgroups", n, "mounts", len(mounts), "files", files)
+	links := 0
+	if m.net != nil {
+		if links, err = m.net.net.Reclaim(); err != nil {
+			errsOut = append(errsOut, fmt.Errorf("reclaiming sandbox links: %w", err))
+		}
+	}
+	if n+len(mounts)+files+links > 0 {
+		m.log.Info("reclaimed sandbox leftovers", "cgroups", n, "mounts", len(mounts), "files", files, "links", links)
 	}
 	return errors.Join(errsOut...)
 }
@@ -338,6 +357,9 @@ func (m *Manager) Close() error {
 	m.thread.Close()
 	if m.ownPool {
 		errsOut = append(errsOut, m.netPool.Close())
+	}
+	if m.net != nil {
+		errsOut = append(errsOut, m.net.close())
 	}
 	errsOut = append(errsOut, m.devnull.Close())
 	return errors.Join(errsOut...)

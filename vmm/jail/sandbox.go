@@ -15,6 +15,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"skiff.dev/skiff/ebpf"
 	"skiff.dev/skiff/internal/cgroup"
 	"skiff.dev/skiff/internal/errs"
 	"skiff.dev/skiff/netns"
@@ -31,6 +32,7 @@ type Spec struct {
 	PidsMax        int      // default 1024
 	Stdout, Stderr *os.File // write ends given to the process; nil: /dev/null
 	ListenAddr     string   // if set (e.g. "127.0.0.1:9001"), a TCP listener created inside the sandbox netns before the process starts
+	Network        *NetSpec // nil: loopback only (network "none")
 }
 
 var idRE = regexp.MustCompile(`^[a-z0-9-]{1,40}$`)
@@ -47,6 +49,8 @@ func (s *Spec) validate() error {
 		return errs.Invalid("MemoryMB", "memory must be positive, got %d", s.MemoryMB)
 	case s.EphemeralMB < 0 || s.PidsMax < 0:
 		return errs.Invalid("EphemeralMB", "negative ephemeral storage or pids limit")
+	case s.Network != nil && !s.Network.Policy.Egress:
+		return errs.Invalid("Network", "a network without egress is no network: leave Network nil")
 	}
 	st, err := os.Stat(s.CodeDir)
 	switch {
@@ -87,15 +91,18 @@ func (e ExitInfo) String() string {
 // Sandbox is one running (or ended) jailed process. A pre-started init
 // waiting in the Manager's pool is a Sandbox without an ID yet.
 type Sandbox struct {
-	id     string // set when the sandbox is handed out by Start
-	m      *Manager
-	proc   *os.Process
-	cg     cgroup.Group
-	ns     *netns.NS
-	ctl    *net.UnixConn // the agent's end of the init's control socket
-	ln     net.Listener
-	lnAddr string // the address ln listens on
-	done   chan struct{}
+	id      string // set when the sandbox is handed out by Start
+	m       *Manager
+	proc    *os.Process
+	cg      cgroup.Group
+	ns      *netns.NS
+	ctl     *net.UnixConn // the agent's end of the init's control socket
+	ln      net.Listener
+	lnAddr  string           // the address ln listens on
+	veth    *netns.Veth      // nil without network
+	att     *ebpf.Attachment // the egress policy on veth
+	attSpec *NetSpec         // what att enforces
+	done    chan struct{}
 
 	exit     ExitInfo // set before done is closed
 	peakExit int64    // peak memory read at exit; set before done is closed
@@ -176,6 +183,9 @@ func (m *Manager) Start(spec Spec) (*Sandbox, error) {
 	if err := spec.validate(); err != nil {
 		return nil, err
 	}
+	if spec.Network != nil && m.net == nil {
+		return nil, errs.Invalid("Network", "sandbox networking is not enabled on this host")
+	}
 	msg, err := json.Marshal(initSpec{Argv: spec.Argv, Env: spec.Env, EphemeralMB: spec.EphemeralMB})
 	if err != nil {
 		return nil, err
@@ -199,12 +209,19 @@ func (m *Manager) Start(spec Spec) (*Sandbox, error) {
 // new one when the pool has none.
 func (m *Manager) start(spec Spec, msg []byte) (*Sandbox, error) {
 	defer m.inits.kick()
+	kind := kindPlain
+	if spec.Network != nil {
+		kind = kindVeth
+	}
 	for {
-		s := m.inits.take()
+		s := m.inits.take(kind)
 		if s == nil {
 			break
 		}
-		err := m.claim(s, spec, msg, true)
+		err := m.prepareNet(s, &spec)
+		if err == nil {
+			err = m.claim(s, spec, msg, true)
+		}
 		if err == nil {
 			m.inits.hits.Add(1)
 			return m.adopt(s, spec.ID), nil
@@ -221,7 +238,11 @@ func (m *Manager) start(spec Spec, msg []byte) (*Sandbox, error) {
 	if err != nil {
 		return nil, err
 	}
-	if err := m.claim(s, spec, msg, false); err != nil {
+	err = m.prepareNet(s, &spec)
+	if err == nil {
+		err = m.claim(s, spec, msg, false)
+	}
+	if err != nil {
 		return nil, errors.Join(err, s.Close())
 	}
 	return m.adopt(s, spec.ID), nil

@@ -8,6 +8,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"strings"
 	"time"
@@ -25,6 +27,7 @@ type request struct {
 	Env     string `json:"env"`     // variable name prefix, for "env"
 	Log     string `json:"log"`     // a line to log first
 	AllocMB int    `json:"allocMB"` // for "oom"
+	Addr    string `json:"addr"`    // host:port, for "tcp"
 }
 
 var started = time.Now()
@@ -35,6 +38,12 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 	_ = json.Unmarshal(raw, &req)
 	if req.Log != "" {
 		fmt.Println(req.Log)
+	}
+	if h, ok := extraActions[req.Action]; ok && req.Action != "" {
+		return h(ctx, raw)
+	}
+	if req.Action == "" && isSQSEvent(raw) {
+		return handleSQS(ctx, raw)
 	}
 	switch req.Action {
 	case "":
@@ -78,11 +87,37 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 		return len(hold), nil
 	case "whoami":
 		return map[string]any{"pid": pid, "started": started.UnixNano()}, nil
+	case "tcp":
+		// Send size bytes to addr, close the sending side and read the reply.
+		reply, err := tcpSend(req.Addr, req.Size)
+		return map[string]any{"reply": reply, "error": errString(err)}, nil
 	case "write":
 		err := os.WriteFile(req.Message, []byte("x"), 0o644)
 		return map[string]any{"error": fmt.Sprint(err)}, nil
 	}
 	return nil, fmt.Errorf("unknown action %q", req.Action)
+}
+
+func tcpSend(addr string, size int) (string, error) {
+	c, err := net.DialTimeout("tcp", addr, 2*time.Second)
+	if err != nil {
+		return "", err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Write(make([]byte, size)); err != nil {
+		return "", err
+	}
+	c.(*net.TCPConn).CloseWrite()
+	b, err := io.ReadAll(c)
+	return string(b), err
+}
+
+func errString(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
 }
 
 func main() { lambda.Start(handle) }
