@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -427,14 +428,16 @@ func TestDev(t *testing.T) {
 		var got devConfig
 		c.dev = func(_ context.Context, cfg devConfig) error { got = cfg; return nil }
 		r := c.run("dev", "--data-dir", "/d", "--listen", "127.0.0.1:0", "--deploy", "hello=h.zip", "--deploy", "b=x=y.zip",
-			"--keep-alive", "90s", "--sandbox-memory", "2048", "--async-durability", "interval", "--async-retry-delay", "1s")
+			"--keep-alive", "90s", "--sandbox-memory", "2048", "--async-durability", "interval", "--async-retry-delay", "1s",
+			"--sandbox-subnet", "10.99.0.0/20", "--resolver", "192.0.2.53")
 		if r.code != 0 {
 			t.Fatalf("exit code %d, want 0; stderr: %s", r.code, r.stderr)
 		}
 		want := devConfig{DataDir: "/d", Listen: "127.0.0.1:0", Deploy: map[string]string{"hello": "h.zip", "b": "x=y.zip"},
-			KeepAlive: 90 * time.Second, SandboxMemoryMB: 2048, AsyncDurability: "interval", AsyncRetryDelay: time.Second}
+			KeepAlive: 90 * time.Second, SandboxMemoryMB: 2048, AsyncDurability: "interval", AsyncRetryDelay: time.Second,
+			SandboxSubnet: netip.MustParsePrefix("10.99.0.0/20"), Resolver: netip.MustParseAddr("192.0.2.53")}
 		got.Logger, got.Stdout = nil, nil
-		if d := cmp.Diff(want, got, cmp.AllowUnexported(devConfig{})); d != "" {
+		if d := cmp.Diff(want, got, cmp.AllowUnexported(devConfig{}), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b }), cmp.Comparer(func(a, b netip.Addr) bool { return a == b })); d != "" {
 			t.Errorf("config (-want +got):\n%s", d)
 		}
 	})
@@ -455,6 +458,9 @@ func TestDev(t *testing.T) {
 		{"dev", "--log-level", "loud"},
 		{"dev", "--async-durability", "sometimes"},
 		{"dev", "--async-retry-delay", "0s"},
+		{"dev", "--sandbox-subnet", "10.0.0.1/16"},
+		{"dev", "--sandbox-subnet", "fd00::/64"},
+		{"dev", "--resolver", "dns.example"},
 		{"dev", "extra"},
 	} {
 		t.Run(strings.Join(args, " "), func(t *testing.T) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -23,6 +24,8 @@ type devConfig struct {
 	SandboxMemoryMB int
 	AsyncDurability string
 	AsyncRetryDelay time.Duration
+	SandboxSubnet   netip.Prefix
+	Resolver        netip.Addr
 	Logger          *slog.Logger
 	Stdout          io.Writer
 }
@@ -32,6 +35,7 @@ func runDevServer(ctx context.Context, c devConfig) error {
 	return devserver.Run(ctx, devserver.Config{
 		DataDir: c.DataDir, Listen: c.Listen, Deploy: c.Deploy, KeepAlive: c.KeepAlive,
 		SandboxMemoryMB: c.SandboxMemoryMB, AsyncDurability: c.AsyncDurability, AsyncRetryDelay: c.AsyncRetryDelay,
+		SandboxSubnet: c.SandboxSubnet, Resolver: c.Resolver,
 		Logger: c.Logger, Stdout: c.Stdout,
 	})
 }
@@ -41,6 +45,8 @@ func (a *app) devCmd() *cobra.Command {
 		cfg      devConfig
 		deploy   []string
 		logLevel string
+		subnet   string
+		resolver string
 	)
 	c := &cobra.Command{
 		Use:   "dev",
@@ -74,6 +80,20 @@ func (a *app) devCmd() *cobra.Command {
 			if cfg.AsyncRetryDelay <= 0 {
 				return usagef(c, "--async-retry-delay must be positive")
 			}
+			if subnet != "" {
+				p, err := netip.ParsePrefix(subnet)
+				if err != nil || !p.Addr().Is4() || p.Bits() > 28 || p.Masked() != p {
+					return usagef(c, "invalid --sandbox-subnet %q: want an IPv4 prefix of /28 or larger without host bits, e.g. 10.253.0.0/16", subnet)
+				}
+				cfg.SandboxSubnet = p
+			}
+			if resolver != "" {
+				a, err := netip.ParseAddr(resolver)
+				if err != nil || !a.Is4() {
+					return usagef(c, "invalid --resolver %q: want an IPv4 address", resolver)
+				}
+				cfg.Resolver = a
+			}
 			var err error
 			if cfg.Deploy, err = parseDeploy(deploy); err != nil {
 				return usageErr(c, err)
@@ -95,6 +115,8 @@ func (a *app) devCmd() *cobra.Command {
 	fl.IntVar(&cfg.SandboxMemoryMB, "sandbox-memory", 0, "memory in MB for all sandboxes together (default half the host's)")
 	fl.StringVar(&cfg.AsyncDurability, "async-durability", "always", "when an async event is acknowledged: always (after fsync) or interval (after the engine's periodic sync; a host crash can lose the last ~2 minutes)")
 	fl.DurationVar(&cfg.AsyncRetryDelay, "async-retry-delay", time.Minute, "base delay before retrying a failed async event (then twice that), as Lambda's ~1 and ~2 minutes")
+	fl.StringVar(&subnet, "sandbox-subnet", "", "IPv4 prefix the sandboxes' addresses come from, a /30 each (default 10.253.0.0/16)")
+	fl.StringVar(&resolver, "resolver", "", "DNS server written to the sandboxes' resolv.conf (default the host's first nameserver)")
 	fl.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return c
 }

@@ -16,6 +16,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"sort"
@@ -54,6 +55,12 @@ type Config struct {
 	// "always" (after fsync; the default) or "interval" (after the
 	// engine's periodic sync).
 	AsyncDurability string
+	// SandboxSubnet holds the sandboxes' addresses (a /30 each); zero means
+	// the agent's default, 10.253.0.0/16.
+	SandboxSubnet netip.Prefix
+	// Resolver is the sandboxes' DNS server; zero means the host's first
+	// nameserver.
+	Resolver netip.Addr
 	// AsyncRetryDelay is the base delay before retrying a failed async
 	// event (Lambda's is about a minute, then twice that); default 1m.
 	AsyncRetryDelay time.Duration
@@ -97,12 +104,14 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	js := st.JetStream()
 
 	ag, err := agent.New(agent.Config{
-		DataDir:   filepath.Join(cfg.DataDir, "agent"),
-		MemoryMB:  int64(cfg.SandboxMemoryMB),
-		KeepAlive: cfg.KeepAlive,
-		Code:      st,
-		Logger:    log.With("component", "agent"),
-		Registry:  reg,
+		DataDir:         filepath.Join(cfg.DataDir, "agent"),
+		MemoryMB:        int64(cfg.SandboxMemoryMB),
+		KeepAlive:       cfg.KeepAlive,
+		NetworkSubnet:   cfg.SandboxSubnet,
+		NetworkResolver: cfg.Resolver,
+		Code:            st,
+		Logger:          log.With("component", "agent"),
+		Registry:        reg,
 	})
 	if err != nil {
 		return fmt.Errorf("starting agent: %w", err)
