@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
@@ -22,6 +23,9 @@ type deps struct {
 	isTerminal func(io.Writer) bool
 	// devRun runs `skiff dev` until ctx ends.
 	devRun func(context.Context, devConfig) error
+	// streamPoll is how long `stream get --follow` waits after a round
+	// of reads that found nothing new (0: defaultStreamPoll).
+	streamPoll time.Duration
 }
 
 func defaultDeps() deps {
@@ -31,6 +35,7 @@ func defaultDeps() deps {
 		homeDir:    os.UserHomeDir,
 		isTerminal: isTerminal,
 		devRun:     runDevServer,
+		streamPoll: defaultStreamPoll,
 	}
 }
 
@@ -90,7 +95,8 @@ func (a *app) rootCmd() *cobra.Command {
 
 Start a single-machine server with 'skiff dev', then manage functions with
 'skiff fn', run them with 'skiff invoke' and read their logs with 'skiff logs'.
-'skiff queue' manages message queues and 'skiff esm' maps queues to functions.`,
+'skiff queue' manages message queues, 'skiff stream' sharded streams, and
+'skiff esm' maps queues and streams to functions.`,
 		Args:                  cobra.ArbitraryArgs,
 		RunE:                  groupRun,
 		DisableFlagsInUseLine: true,
@@ -112,6 +118,7 @@ Start a single-machine server with 'skiff dev', then manage functions with
 		a.keyCmd(),
 		a.concurrencyCmd(),
 		a.queueCmd(),
+		a.streamCmd(),
 		a.esmCmd(),
 		a.versionCmd(),
 	)

@@ -43,12 +43,13 @@ func defaultDataDir(getenv func(string) string, home func() (string, error)) str
 
 // clients are the generated Connect clients of one gateway.
 type clients struct {
-	fn     skiffv1connect.FunctionServiceClient
-	invoke skiffv1connect.InvokeServiceClient
-	keys   skiffv1connect.KeyServiceClient
-	logs   skiffv1connect.LogServiceClient
-	queues skiffv1connect.QueueServiceClient
-	esm    skiffv1connect.EventSourceServiceClient
+	fn      skiffv1connect.FunctionServiceClient
+	invoke  skiffv1connect.InvokeServiceClient
+	keys    skiffv1connect.KeyServiceClient
+	logs    skiffv1connect.LogServiceClient
+	queues  skiffv1connect.QueueServiceClient
+	esm     skiffv1connect.EventSourceServiceClient
+	streams skiffv1connect.StreamServiceClient
 }
 
 // dial resolves the endpoint and the API key and builds the clients. It
@@ -76,12 +77,13 @@ func (a *app) dial() (*clients, error) {
 		opts = append(opts, connect.WithGRPC())
 	}
 	return &clients{
-		fn:     skiffv1connect.NewFunctionServiceClient(hc, endpoint, opts...),
-		invoke: skiffv1connect.NewInvokeServiceClient(hc, endpoint, opts...),
-		keys:   skiffv1connect.NewKeyServiceClient(hc, endpoint, opts...),
-		logs:   skiffv1connect.NewLogServiceClient(hc, endpoint, opts...),
-		queues: skiffv1connect.NewQueueServiceClient(hc, endpoint, opts...),
-		esm:    skiffv1connect.NewEventSourceServiceClient(hc, endpoint, opts...),
+		fn:      skiffv1connect.NewFunctionServiceClient(hc, endpoint, opts...),
+		invoke:  skiffv1connect.NewInvokeServiceClient(hc, endpoint, opts...),
+		keys:    skiffv1connect.NewKeyServiceClient(hc, endpoint, opts...),
+		logs:    skiffv1connect.NewLogServiceClient(hc, endpoint, opts...),
+		queues:  skiffv1connect.NewQueueServiceClient(hc, endpoint, opts...),
+		esm:     skiffv1connect.NewEventSourceServiceClient(hc, endpoint, opts...),
+		streams: skiffv1connect.NewStreamServiceClient(hc, endpoint, opts...),
 	}, nil
 }
 

@@ -173,6 +173,14 @@ func (f *fakeESM) GetEventSourceMapping(_ context.Context, r *connect.Request[sk
 	if r.Msg.GetUuid() == "missing" {
 		return nil, errs.NotFound("event source mapping %q not found", r.Msg.GetUuid())
 	}
+	if r.Msg.GetUuid() == "stream-uuid" {
+		return connect.NewResponse(&skiffv1.GetEventSourceMappingResponse{Mapping: &skiffv1.EventSourceMapping{
+			Uuid: r.Msg.GetUuid(), FunctionName: "counter", Stream: "clicks", StartingPosition: "AT_TIMESTAMP",
+			StartingPositionTimestamp: "2026-11-27T10:00:00Z", ParallelizationFactor: i32(4), BisectBatchOnFunctionError: true,
+			MaximumRetryAttempts: i32(2), OnFailure: "queue:clicks-failed", TumblingWindowSeconds: 60,
+			State: "Enabled", LastModified: "2026-01-05T00:00:00Z", Revision: 2,
+		}}), nil
+	}
 	size, conc := int32(100), int32(5)
 	return connect.NewResponse(&skiffv1.GetEventSourceMappingResponse{Mapping: &skiffv1.EventSourceMapping{
 		Uuid: r.Msg.GetUuid(), FunctionName: "worker", Queue: "jobs", BatchSize: &size, MaximumConcurrency: &conc,

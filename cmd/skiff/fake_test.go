@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -28,11 +29,12 @@ type fakeServer struct {
 	log *fakeLogs
 	q   *fakeQueues
 	esm *fakeESM
+	st  *fakeStreams
 }
 
 func newFakeServer(t *testing.T) *fakeServer {
 	t.Helper()
-	s := &fakeServer{fn: &fakeFunctions{}, inv: &fakeInvoke{}, key: &fakeKeys{}, log: &fakeLogs{}, q: &fakeQueues{}, esm: &fakeESM{}}
+	s := &fakeServer{fn: &fakeFunctions{}, inv: &fakeInvoke{}, key: &fakeKeys{}, log: &fakeLogs{}, q: &fakeQueues{}, esm: &fakeESM{}, st: newFakeStreams()}
 	opts := connect.WithInterceptors(errs.Interceptor())
 	mux := http.NewServeMux()
 	mux.Handle(skiffv1connect.NewFunctionServiceHandler(s.fn, opts))
@@ -41,6 +43,7 @@ func newFakeServer(t *testing.T) *fakeServer {
 	mux.Handle(skiffv1connect.NewLogServiceHandler(s.log, opts))
 	mux.Handle(skiffv1connect.NewQueueServiceHandler(s.q, opts))
 	mux.Handle(skiffv1connect.NewEventSourceServiceHandler(s.esm, opts))
+	mux.Handle(skiffv1connect.NewStreamServiceHandler(s.st, opts))
 	srv := httptest.NewUnstartedServer(mux)
 	srv.Config.Protocols = new(http.Protocols)
 	srv.Config.Protocols.SetHTTP1(true)
@@ -332,6 +335,7 @@ func (c *cli) runCtx(ctx context.Context, args ...string) result {
 			}
 			return c.dev(ctx, cfg)
 		},
+		streamPoll: time.Millisecond,
 	}
 	err := runWith(ctx, d, args, stdout, &stderr)
 	code := report(ctx, &stderr, err)

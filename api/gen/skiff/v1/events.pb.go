@@ -39,11 +39,30 @@ type EventSourceMapping struct {
 	// Unset means true.
 	Enabled *bool `protobuf:"varint,8,opt,name=enabled,proto3,oneof" json:"enabled,omitempty"`
 	// "Enabled", "Disabled" (read only).
-	State         string `protobuf:"bytes,9,opt,name=state,proto3" json:"state,omitempty"`
-	LastModified  string `protobuf:"bytes,10,opt,name=last_modified,json=lastModified,proto3" json:"last_modified,omitempty"`
-	Revision      uint64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	State        string `protobuf:"bytes,9,opt,name=state,proto3" json:"state,omitempty"`
+	LastModified string `protobuf:"bytes,10,opt,name=last_modified,json=lastModified,proto3" json:"last_modified,omitempty"`
+	Revision     uint64 `protobuf:"varint,11,opt,name=revision,proto3" json:"revision,omitempty"`
+	// Stream sources (set stream instead of queue).
+	// A skiff stream name.
+	Stream string `protobuf:"bytes,12,opt,name=stream,proto3" json:"stream,omitempty"`
+	// "TRIM_HORIZON", "LATEST" or "AT_TIMESTAMP"; required for streams.
+	StartingPosition string `protobuf:"bytes,13,opt,name=starting_position,json=startingPosition,proto3" json:"starting_position,omitempty"`
+	// RFC 3339, for AT_TIMESTAMP.
+	StartingPositionTimestamp string `protobuf:"bytes,14,opt,name=starting_position_timestamp,json=startingPositionTimestamp,proto3" json:"starting_position_timestamp,omitempty"`
+	// 1-10; unset means 1. Order is kept per partition key.
+	ParallelizationFactor      *int32 `protobuf:"varint,15,opt,name=parallelization_factor,json=parallelizationFactor,proto3,oneof" json:"parallelization_factor,omitempty"`
+	BisectBatchOnFunctionError bool   `protobuf:"varint,16,opt,name=bisect_batch_on_function_error,json=bisectBatchOnFunctionError,proto3" json:"bisect_batch_on_function_error,omitempty"`
+	// -1 (unlimited) to 10000; unset means -1.
+	MaximumRetryAttempts *int32 `protobuf:"varint,17,opt,name=maximum_retry_attempts,json=maximumRetryAttempts,proto3,oneof" json:"maximum_retry_attempts,omitempty"`
+	// -1 (unlimited) or 60-604800; unset means -1.
+	MaximumRecordAgeSeconds *int32 `protobuf:"varint,18,opt,name=maximum_record_age_seconds,json=maximumRecordAgeSeconds,proto3,oneof" json:"maximum_record_age_seconds,omitempty"`
+	// Where the metadata of a skipped batch goes: "queue:NAME" or an
+	// http(s) URL.
+	OnFailure string `protobuf:"bytes,19,opt,name=on_failure,json=onFailure,proto3" json:"on_failure,omitempty"`
+	// 0-900; 0 means no tumbling window.
+	TumblingWindowSeconds int32 `protobuf:"varint,20,opt,name=tumbling_window_seconds,json=tumblingWindowSeconds,proto3" json:"tumbling_window_seconds,omitempty"`
+	unknownFields         protoimpl.UnknownFields
+	sizeCache             protoimpl.SizeCache
 }
 
 func (x *EventSourceMapping) Reset() {
@@ -149,6 +168,69 @@ func (x *EventSourceMapping) GetLastModified() string {
 func (x *EventSourceMapping) GetRevision() uint64 {
 	if x != nil {
 		return x.Revision
+	}
+	return 0
+}
+
+func (x *EventSourceMapping) GetStream() string {
+	if x != nil {
+		return x.Stream
+	}
+	return ""
+}
+
+func (x *EventSourceMapping) GetStartingPosition() string {
+	if x != nil {
+		return x.StartingPosition
+	}
+	return ""
+}
+
+func (x *EventSourceMapping) GetStartingPositionTimestamp() string {
+	if x != nil {
+		return x.StartingPositionTimestamp
+	}
+	return ""
+}
+
+func (x *EventSourceMapping) GetParallelizationFactor() int32 {
+	if x != nil && x.ParallelizationFactor != nil {
+		return *x.ParallelizationFactor
+	}
+	return 0
+}
+
+func (x *EventSourceMapping) GetBisectBatchOnFunctionError() bool {
+	if x != nil {
+		return x.BisectBatchOnFunctionError
+	}
+	return false
+}
+
+func (x *EventSourceMapping) GetMaximumRetryAttempts() int32 {
+	if x != nil && x.MaximumRetryAttempts != nil {
+		return *x.MaximumRetryAttempts
+	}
+	return 0
+}
+
+func (x *EventSourceMapping) GetMaximumRecordAgeSeconds() int32 {
+	if x != nil && x.MaximumRecordAgeSeconds != nil {
+		return *x.MaximumRecordAgeSeconds
+	}
+	return 0
+}
+
+func (x *EventSourceMapping) GetOnFailure() string {
+	if x != nil {
+		return x.OnFailure
+	}
+	return ""
+}
+
+func (x *EventSourceMapping) GetTumblingWindowSeconds() int32 {
+	if x != nil {
+		return x.TumblingWindowSeconds
 	}
 	return 0
 }
@@ -616,7 +698,7 @@ var File_skiff_v1_events_proto protoreflect.FileDescriptor
 
 const file_skiff_v1_events_proto_rawDesc = "" +
 	"\n" +
-	"\x15skiff/v1/events.proto\x12\bskiff.v1\"\x8e\x04\n" +
+	"\x15skiff/v1/events.proto\x12\bskiff.v1\"\xbc\b\n" +
 	"\x12EventSourceMapping\x12\x12\n" +
 	"\x04uuid\x18\x01 \x01(\tR\x04uuid\x12#\n" +
 	"\rfunction_name\x18\x02 \x01(\tR\ffunctionName\x12\x14\n" +
@@ -630,12 +712,25 @@ const file_skiff_v1_events_proto_rawDesc = "" +
 	"\x05state\x18\t \x01(\tR\x05state\x12#\n" +
 	"\rlast_modified\x18\n" +
 	" \x01(\tR\flastModified\x12\x1a\n" +
-	"\brevision\x18\v \x01(\x04R\brevisionB\r\n" +
+	"\brevision\x18\v \x01(\x04R\brevision\x12\x16\n" +
+	"\x06stream\x18\f \x01(\tR\x06stream\x12+\n" +
+	"\x11starting_position\x18\r \x01(\tR\x10startingPosition\x12>\n" +
+	"\x1bstarting_position_timestamp\x18\x0e \x01(\tR\x19startingPositionTimestamp\x12:\n" +
+	"\x16parallelization_factor\x18\x0f \x01(\x05H\x04R\x15parallelizationFactor\x88\x01\x01\x12B\n" +
+	"\x1ebisect_batch_on_function_error\x18\x10 \x01(\bR\x1abisectBatchOnFunctionError\x129\n" +
+	"\x16maximum_retry_attempts\x18\x11 \x01(\x05H\x05R\x14maximumRetryAttempts\x88\x01\x01\x12@\n" +
+	"\x1amaximum_record_age_seconds\x18\x12 \x01(\x05H\x06R\x17maximumRecordAgeSeconds\x88\x01\x01\x12\x1d\n" +
+	"\n" +
+	"on_failure\x18\x13 \x01(\tR\tonFailure\x126\n" +
+	"\x17tumbling_window_seconds\x18\x14 \x01(\x05R\x15tumblingWindowSecondsB\r\n" +
 	"\v_batch_sizeB\"\n" +
 	" _maximum_batching_window_secondsB\x16\n" +
 	"\x14_maximum_concurrencyB\n" +
 	"\n" +
-	"\b_enabled\"Y\n" +
+	"\b_enabledB\x19\n" +
+	"\x17_parallelization_factorB\x19\n" +
+	"\x17_maximum_retry_attemptsB\x1d\n" +
+	"\x1b_maximum_record_age_seconds\"Y\n" +
 	"\x1fCreateEventSourceMappingRequest\x126\n" +
 	"\amapping\x18\x01 \x01(\v2\x1c.skiff.v1.EventSourceMappingR\amapping\"Z\n" +
 	" CreateEventSourceMappingResponse\x126\n" +
