@@ -99,7 +99,8 @@ func startDev(t *testing.T, dataDir string, extra ...string) *dev {
 		dataDir = t.TempDir()
 	}
 	d := &dev{t: t, dataDir: dataDir, addr: freeAddr(t), out: &syncBuffer{}, done: make(chan struct{})}
-	args := append([]string{"dev", "--data-dir", dataDir, "--listen", d.addr, "--log-level", "debug"}, extra...)
+	args := append([]string{"dev", "--data-dir", dataDir, "--listen", d.addr, "--log-level", "debug",
+		"--sandbox-subnet", subnetFor(dataDir)}, extra...)
 	d.cmd = exec.Command(skiffBinary(t), args...)
 	d.cmd.Stdout, d.cmd.Stderr = d.out, d.out
 	if err := d.cmd.Start(); err != nil {
@@ -132,6 +133,25 @@ func startDev(t *testing.T, dataDir string, extra ...string) *dev {
 	return d
 }
 
+var (
+	subnetMu sync.Mutex
+	subnets  = map[string]string{}
+)
+
+// subnetFor gives each data dir its own sandbox subnet: a dev process that
+// just stopped may still hold veths in its subnet while the kernel frees
+// them, and a restart on the same data dir reclaims its own.
+func subnetFor(dataDir string) string {
+	subnetMu.Lock()
+	defer subnetMu.Unlock()
+	if s, ok := subnets[dataDir]; ok {
+		return s
+	}
+	s := fmt.Sprintf("10.%d.%d.0/22", 200+len(subnets)/64, (len(subnets)%64)*4)
+	subnets[dataDir] = s
+	return s
+}
+
 // stop ends the process gracefully (SIGTERM), or kills it after a while.
 func (d *dev) stop() {
 	select {
@@ -158,6 +178,8 @@ type clients struct {
 	fn     skiffv1connect.FunctionServiceClient
 	invoke skiffv1connect.InvokeServiceClient
 	keys   skiffv1connect.KeyServiceClient
+	queue  skiffv1connect.QueueServiceClient
+	esm    skiffv1connect.EventSourceServiceClient
 }
 
 var protocols = []string{"connect", "grpc"}
@@ -178,6 +200,8 @@ func (d *dev) client(protocol, key string) clients {
 		fn:     skiffv1connect.NewFunctionServiceClient(hc, base, opts...),
 		invoke: skiffv1connect.NewInvokeServiceClient(hc, base, opts...),
 		keys:   skiffv1connect.NewKeyServiceClient(hc, base, opts...),
+		queue:  skiffv1connect.NewQueueServiceClient(hc, base, opts...),
+		esm:    skiffv1connect.NewEventSourceServiceClient(hc, base, opts...),
 	}
 }
 
