@@ -182,6 +182,10 @@ func (s *Store) start(ctx context.Context) error {
 		DontListen: true,
 		NoSigs:     true,
 		SyncAlways: s.cfg.SyncAlways,
+		// Messages carry whole Lambda payloads (6 MB sync logs, 1 MiB
+		// stream records plus their envelope): NATS's 1 MB default is
+		// too small.
+		MaxPayload: MaxPayload,
 	}
 	if s.cfg.ListenAddr != "" {
 		host, port, _ := splitHostPort(s.cfg.ListenAddr)
@@ -307,6 +311,9 @@ func (s *Store) shutdown(drain bool) error {
 	}
 	return nil
 }
+
+// MaxPayload is the largest message the embedded server accepts.
+const MaxPayload = 8 << 20
 
 // serverLogger adapts slog to the embedded server's logger.
 type serverLogger struct{ log *slog.Logger }
