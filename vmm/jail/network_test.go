@@ -380,11 +380,23 @@ func TestNetworkChurn(t *testing.T) {
 	if !n.WaitReleased(30 * time.Second) {
 		t.Fatal("veths of closed sandboxes not released within 30 s")
 	}
-	links, err := n.Links()
-	if err != nil {
-		t.Fatal(err)
+	// Pre-started inits hold a veth each; the pool may still be refilling
+	// (a veth exists before its init counts as idle), so wait for it to
+	// settle before comparing.
+	var links []string
+	var idle int
+	settled := func() bool {
+		var err error
+		if links, err = n.Links(); err != nil {
+			t.Fatal(err)
+		}
+		idle = m.Stats().PoolIdleNet
+		return len(links) == idle
 	}
-	idle := m.Stats().PoolIdleNet // pre-started inits hold a veth each
+	deadline := time.Now().Add(20 * time.Second)
+	for !settled() && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
 	if len(links) != idle {
 		t.Errorf("links left: got %d (%v), want %d (the pool's)", len(links), links, idle)
 	}
