@@ -487,7 +487,7 @@ func testAttachedTraffic(t *testing.T, mode string) {
 	}
 	for name, mp := range map[string]*ebpf.Map{
 		"policies": m.objs.Policies, "counters": m.objs.SandboxCounters,
-		"allow_rules": m.objs.AllowRules, "deny_rules": m.objs.DenyRules,
+		"rules": m.objs.Rules,
 	} {
 		if n := countEntries(t, mp); n != 0 {
 			t.Errorf("after Close: %d entries left in %s", n, name)
@@ -591,7 +591,7 @@ func TestAttachCleanup(t *testing.T) {
 			m.forceLegacy = mode == "tc"
 			maps := map[string]*ebpf.Map{
 				"policies": m.objs.Policies, "counters": m.objs.SandboxCounters,
-				"allow_rules": m.objs.AllowRules, "deny_rules": m.objs.DenyRules,
+				"rules": m.objs.Rules,
 			}
 			deny := mustRules(t, "1.2.3.0/24:80", "1.2.0.0/16")
 			err = inNetns(tn.host, func() error {
@@ -622,8 +622,8 @@ func TestAttachCleanup(t *testing.T) {
 			}); err != nil {
 				t.Fatal(err)
 			}
-			if n := countEntries(t, m.objs.DenyRules); n != 2 {
-				t.Errorf("deny_rules has %d entries, want 2", n)
+			if n := countEntries(t, m.objs.Rules); n != 2 {
+				t.Errorf("rules has %d entries, want 2", n)
 			}
 			if got := attachedPrograms(t, tn, mode); len(got) != 2 {
 				t.Fatalf("after Attach: %v, want 2 programs", got)

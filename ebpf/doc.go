@@ -4,7 +4,8 @@
 // One Manager per agent loads the programs and maps (bpf/egress.c, compiled
 // by bpf2go; the generated egress_bpfel.go and .o are committed). SetGlobal
 // stores the host-wide part of the policy; Attach stores one sandbox's
-// Policy under its host veth ifindex and attaches two programs to that veth
+// Policy under its host veth ifindex (Update replaces it in place) and
+// attaches two programs to that veth
 // with TCX (legacy tc, a clsact qdisc with direct-action bpf filters, when
 // the kernel has no TCX):
 //
@@ -38,7 +39,28 @@
 // A rule with ports matches TCP and UDP by destination port, never ICMP nor
 // non-first fragments (which carry no ports); a rule without ports matches
 // every packet to its prefix. Up to 16 merged port ranges may cover one
-// prefix of one sandbox.
+// prefix of one sandbox, in the allow and in the deny rules each.
+//
+// # Policy updates
+//
+// Attachment.Update replaces a sandbox's policy in place by rewriting its
+// map entries; the programs stay attached (re-attaching costs RCU grace
+// periods, tens of milliseconds) and the counters run on. A packet sees
+// the old or the new policy, never a mix:
+//
+//   - a sandbox's allow and deny rules share one LPM trie, each entry
+//     holding every allow and deny rule covering its prefix, so a packet
+//     reads its rules with one lookup;
+//   - entries are rewritten in place, longest prefix first; prefixes only
+//     the old rules had are first rewritten to the new rules' answer for
+//     them, and deleted only after an RCU grace period (the kernel's trie
+//     lookup is not atomic against deletes), which makes an Update that
+//     drops prefixes cost milliseconds instead of microseconds;
+//   - egress off is switched on only after the rules are rewritten, and
+//     switched off first, leaving the (unused) rules as they were.
+//
+// Update validates the whole policy before touching a map: an invalid
+// policy changes nothing.
 //
 // # Counters
 //

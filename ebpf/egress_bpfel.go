@@ -53,10 +53,11 @@ type egressRuleKey struct {
 }
 
 type egressRuleVal struct {
-	_     structs.HostLayout
-	N     uint32
-	Pad   uint32
-	Rules [16]egressPortRule
+	_      structs.HostLayout
+	AllowN uint32
+	DenyN  uint32
+	Allow  [16]egressPortRule
+	Deny   [16]egressPortRule
 }
 
 type egressServiceKey struct {
@@ -77,12 +78,11 @@ type egressSpecialKey struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	egressMapAllowRules      = "allow_rules"
-	egressMapDenyRules       = "deny_rules"
 	egressMapGlobals         = "globals"
 	egressMapHostAddrs       = "host_addrs"
 	egressMapHostServices    = "host_services"
 	egressMapPolicies        = "policies"
+	egressMapRules           = "rules"
 	egressMapSandboxCounters = "sandbox_counters"
 	egressMapSpecialRanges   = "special_ranges"
 	egressProgSandboxEgress  = "sandbox_egress"
@@ -139,12 +139,11 @@ type egressProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type egressMapSpecs struct {
-	AllowRules      *ebpf.MapSpec `ebpf:"allow_rules"`
-	DenyRules       *ebpf.MapSpec `ebpf:"deny_rules"`
 	Globals         *ebpf.MapSpec `ebpf:"globals"`
 	HostAddrs       *ebpf.MapSpec `ebpf:"host_addrs"`
 	HostServices    *ebpf.MapSpec `ebpf:"host_services"`
 	Policies        *ebpf.MapSpec `ebpf:"policies"`
+	Rules           *ebpf.MapSpec `ebpf:"rules"`
 	SandboxCounters *ebpf.MapSpec `ebpf:"sandbox_counters"`
 	SpecialRanges   *ebpf.MapSpec `ebpf:"special_ranges"`
 }
@@ -175,24 +174,22 @@ func (o *egressObjects) Close() error {
 //
 // It can be passed to loadEgressObjects or ebpf.CollectionSpec.LoadAndAssign.
 type egressMaps struct {
-	AllowRules      *ebpf.Map `ebpf:"allow_rules"`
-	DenyRules       *ebpf.Map `ebpf:"deny_rules"`
 	Globals         *ebpf.Map `ebpf:"globals"`
 	HostAddrs       *ebpf.Map `ebpf:"host_addrs"`
 	HostServices    *ebpf.Map `ebpf:"host_services"`
 	Policies        *ebpf.Map `ebpf:"policies"`
+	Rules           *ebpf.Map `ebpf:"rules"`
 	SandboxCounters *ebpf.Map `ebpf:"sandbox_counters"`
 	SpecialRanges   *ebpf.Map `ebpf:"special_ranges"`
 }
 
 func (m *egressMaps) Close() error {
 	return _EgressClose(
-		m.AllowRules,
-		m.DenyRules,
 		m.Globals,
 		m.HostAddrs,
 		m.HostServices,
 		m.Policies,
+		m.Rules,
 		m.SandboxCounters,
 		m.SpecialRanges,
 	)

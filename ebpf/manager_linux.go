@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"slices"
 	"sync"
 	"sync/atomic"
 
@@ -179,8 +180,6 @@ func deleteKey(mp *ebpf.Map, key any) error {
 type Attachment struct {
 	m       *Manager
 	ifindex int
-	allow   []egressRuleKey
-	deny    []egressRuleKey
 	mode    string // "tcx" or "tc"
 
 	links []link.Link // TCX
@@ -188,9 +187,13 @@ type Attachment struct {
 	nl      *netlink.Handle // legacy tc: a socket in the veth's netns
 	filters []*netlink.BpfFilter
 	qdisc   *netlink.GenericQdisc // non-nil when Attach created it
-	// setupMu is held while Attach sets up, so a concurrent Manager.Close
-	// waits for it before closing the attachment.
-	setupMu   sync.Mutex
+	// mu is held while Attach sets up and while Update rewrites the maps,
+	// so a concurrent Close waits for them.
+	mu      sync.Mutex
+	egress  bool       // guarded by mu: what the policies map holds
+	entries []lpmEntry // guarded by mu: what the rules map holds
+	closed  bool       // guarded by mu
+
 	closeOnce sync.Once
 	closeErr  error
 }
@@ -206,33 +209,29 @@ func (m *Manager) Attach(hostIfindex int, p Policy) (*Attachment, error) {
 	if hostIfindex <= 0 {
 		return nil, errs.Invalid("ifindex", "ebpf: bad interface index %d", hostIfindex)
 	}
-	allow, err := buildEntries(p.Allow)
+	entries, err := buildEntries(p)
 	if err != nil {
-		return nil, fmt.Errorf("allow rules: %w", err)
-	}
-	deny, err := buildEntries(p.Deny)
-	if err != nil {
-		return nil, fmt.Errorf("deny rules: %w", err)
+		return nil, err
 	}
 
 	a := &Attachment{m: m, ifindex: hostIfindex}
-	a.setupMu.Lock()
+	a.mu.Lock()
 	m.mu.Lock()
 	if m.closed {
 		m.mu.Unlock()
-		a.setupMu.Unlock()
+		a.mu.Unlock()
 		return nil, errs.New(errs.KindFailedPrecondition, "ebpf: manager is closed")
 	}
 	if _, ok := m.atts[hostIfindex]; ok {
 		m.mu.Unlock()
-		a.setupMu.Unlock()
+		a.mu.Unlock()
 		return nil, errs.Conflict("ebpf: interface %d already has an attachment", hostIfindex)
 	}
 	m.atts[hostIfindex] = a // reserved: the slow work below runs unlocked
 	m.mu.Unlock()
 
-	err = a.setup(p.Egress, allow, deny)
-	a.setupMu.Unlock()
+	err = a.setupLocked(p.Egress, entries)
+	a.mu.Unlock()
 	if err != nil {
 		return nil, errors.Join(err, a.Close())
 	}
@@ -247,35 +246,96 @@ func (m *Manager) Attach(hostIfindex int, p Policy) (*Attachment, error) {
 	return a, nil
 }
 
-func (a *Attachment) setup(egress bool, allow, deny []lpmEntry) error {
-	if err := a.storeMaps(egress, allow, deny); err != nil {
+func (a *Attachment) setupLocked(egress bool, entries []lpmEntry) error {
+	if err := a.storeMapsLocked(egress, entries); err != nil {
 		return err
 	}
 	return a.attach()
 }
 
-// storeMaps writes the sandbox's policy, zeroed counters and rules.
-func (a *Attachment) storeMaps(egress bool, allow, deny []lpmEntry) error {
+// storeMapsLocked writes the sandbox's policy, zeroed counters and rules.
+func (a *Attachment) storeMapsLocked(egress bool, entries []lpmEntry) error {
 	m := a.m
 	ifx := uint32(a.ifindex)
-	pol := egressPolicy{}
-	if egress {
-		pol.Egress = 1
-	}
 	// Maps first: the programs must find the policy from the first packet.
-	if err := m.objs.Policies.Put(ifx, pol); err != nil {
-		return errs.Internal("ebpf: storing policy for interface %d: %w", a.ifindex, err)
+	if err := a.putEgressLocked(egress); err != nil {
+		return err
 	}
 	if err := m.objs.SandboxCounters.Put(ifx, make([]egressCounters, m.ncpu)); err != nil {
 		return errs.Internal("ebpf: creating counters for interface %d: %w", a.ifindex, err)
 	}
-	var err error
-	if a.allow, err = putRules(m.objs.AllowRules, ifx, allow); err != nil {
-		return errs.Internal("ebpf: storing allow rules for interface %d: %w", a.ifindex, err)
+	for _, e := range entries {
+		if err := a.putEntryLocked(e); err != nil {
+			return err
+		}
 	}
-	if a.deny, err = putRules(m.objs.DenyRules, ifx, deny); err != nil {
-		return errs.Internal("ebpf: storing deny rules for interface %d: %w", a.ifindex, err)
+	return nil
+}
+
+// putEgressLocked stores the sandbox's egress switch.
+func (a *Attachment) putEgressLocked(egress bool) error {
+	pol := egressPolicy{}
+	if egress {
+		pol.Egress = 1
 	}
+	if err := a.m.objs.Policies.Put(uint32(a.ifindex), pol); err != nil {
+		return errs.Internal("ebpf: storing policy for interface %d: %w", a.ifindex, err)
+	}
+	a.egress = egress
+	return nil
+}
+
+// ruleKey is the rules map key of the sandbox's entry for prefix.
+func (a *Attachment) ruleKey(prefix netip.Prefix) egressRuleKey {
+	return egressRuleKey{Prefixlen: 32 + uint32(prefix.Bits()), Ifindex: uint32(a.ifindex), Addr: addrKey(prefix.Addr())}
+}
+
+// putEntryLocked stores e in the rules map (replacing an entry for the
+// same prefix in one step) and records it in a.entries.
+func (a *Attachment) putEntryLocked(e lpmEntry) error {
+	if err := a.m.objs.Rules.Put(a.ruleKey(e.prefix), ruleValBytes(e)); err != nil {
+		return errs.Internal("ebpf: storing rules for %s of interface %d: %w", e.prefix, a.ifindex, err)
+	}
+	if i := slices.IndexFunc(a.entries, func(o lpmEntry) bool { return o.prefix == e.prefix }); i >= 0 {
+		a.entries[i] = e
+	} else {
+		a.entries = append(a.entries, e)
+	}
+	return nil
+}
+
+// ruleValSize is sizeof(struct rule_val).
+const ruleValSize = 8 + 2*maxPortRules*8
+
+// ruleValBytes is e as the rules map stores it (struct rule_val), encoded
+// by hand: cilium/ebpf would marshal egressRuleVal by reflection, which
+// costs more than the map write itself.
+func ruleValBytes(e lpmEntry) []byte {
+	b := make([]byte, ruleValSize)
+	ne := binary.NativeEndian
+	ne.PutUint32(b[0:], uint32(len(e.allow)))
+	ne.PutUint32(b[4:], uint32(len(e.deny)))
+	for l, rs := range [][]portRule{e.allow, e.deny} {
+		for i, r := range rs {
+			o := 8 + l*maxPortRules*8 + i*8
+			ne.PutUint16(b[o:], r.lo)
+			ne.PutUint16(b[o+2:], r.hi)
+			b[o+4] = r.plen
+			if r.any {
+				b[o+5] = 1
+			}
+		}
+	}
+	return b
+}
+
+// deleteEntryLocked deletes the sandbox's entry for prefix from the rules
+// map and from a.entries.
+func (a *Attachment) deleteEntryLocked(prefix netip.Prefix) error {
+	if err := deleteKey(a.m.objs.Rules, a.ruleKey(prefix)); err != nil {
+		return errs.Internal("ebpf: deleting rules for %s of interface %d: %w", prefix, a.ifindex, err)
+	}
+	a.entries = slices.DeleteFunc(a.entries, func(o lpmEntry) bool { return o.prefix == prefix })
 	return nil
 }
 
@@ -296,27 +356,6 @@ func (a *Attachment) attach() error {
 	}
 	a.mode = "tc"
 	return a.attachTC()
-}
-
-// putRules stores entries for ifindex and returns the keys it wrote.
-func putRules(mp *ebpf.Map, ifindex uint32, entries []lpmEntry) ([]egressRuleKey, error) {
-	keys := make([]egressRuleKey, 0, len(entries))
-	for _, e := range entries {
-		var v egressRuleVal
-		v.N = uint32(len(e.rules))
-		for i, r := range e.rules {
-			v.Rules[i] = egressPortRule{Lo: r.lo, Hi: r.hi, Plen: r.plen}
-			if r.any {
-				v.Rules[i].AnyPort = 1
-			}
-		}
-		k := egressRuleKey{Prefixlen: 32 + uint32(e.prefix.Bits()), Ifindex: ifindex, Addr: addrKey(e.prefix.Addr())}
-		if err := mp.Put(k, v); err != nil {
-			return keys, fmt.Errorf("rule %s: %w", e.prefix, err)
-		}
-		keys = append(keys, k)
-	}
-	return keys, nil
 }
 
 func (a *Attachment) attachTCX() error {
@@ -389,6 +428,133 @@ func (a *Attachment) attachTC() error {
 	return nil
 }
 
+// Update replaces the sandbox's policy with p in place: it rewrites the
+// sandbox's map entries and leaves the programs attached and the counters
+// running (re-attaching costs RCU grace periods, tens of milliseconds;
+// Update costs microseconds). p is validated in full first: an invalid
+// policy is an InvalidArgument error and changes nothing. Update on a
+// closed attachment is a FailedPrecondition error.
+//
+// Packets in flight see the old or the new policy, never a mix (see "Policy
+// updates" in the package documentation). Should a map write fail midway,
+// Update puts the old rules back before returning the error.
+func (a *Attachment) Update(p Policy) error {
+	entries, err := buildEntries(p)
+	if err != nil {
+		return err
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.closed {
+		return errs.New(errs.KindFailedPrecondition, "ebpf: attachment to interface %d is closed", a.ifindex)
+	}
+	if !p.Egress {
+		// The switch first and the rules untouched: a packet that read
+		// "egress on" just before must still find the old rules. While
+		// egress is off the rules are unused; the next Update with egress
+		// rewrites them.
+		return a.putEgressLocked(false)
+	}
+	old := slices.Clone(a.entries)
+	if err := a.applyLocked(entries); err != nil {
+		if rerr := a.applyLocked(old); rerr != nil {
+			return errors.Join(err, fmt.Errorf("ebpf: restoring the old rules of interface %d: %w", a.ifindex, rerr))
+		}
+		return err
+	}
+	if !a.egress {
+		// Off to on: the rules were rewritten while nothing passed.
+		return a.putEgressLocked(true)
+	}
+	return nil
+}
+
+// applyLocked makes the sandbox's rules map entries target's, so that a
+// packet's one rules lookup returns what the old or the new rules decide
+// for it, never a mix. Every entry is self-contained (it holds every allow
+// and deny rule covering its prefix), but the kernel's trie lookup is not
+// atomic: a lookup that has walked past a node still sees later changes
+// below it. Hence three steps:
+//
+//  1. Every target entry, and every stale entry (a prefix only the old
+//     rules have) rewritten with the target's rules covering it, go in
+//     longest prefix first, replacing entries in place. A stale prefix's
+//     rewritten value is that of the longest target entry containing it:
+//     what the new rules decide for every address that falls back to it.
+//     A lookup that finds a rewritten entry finds every longer one
+//     rewritten too (they went in first); one that finds an old entry
+//     decides as the old rules do (nothing is deleted yet, so it misses no
+//     longer old entry).
+//  2. When there are stale entries: wait until every program run that
+//     started before step 1 ended has finished (an RCU grace period).
+//  3. Delete the stale entries. Every lookup running now started after
+//     step 1, and every entry it can meet holds the new rules' answer for
+//     its addresses, so whichever it finds decides as the new rules do.
+//
+// Steps 2 and 3 cost a grace period (milliseconds) only when prefixes
+// disappear; adding rules or changing ports and directions costs map
+// writes alone. Should the wait fail, the stale entries stay: they hold
+// the new rules' answers, so only space is lost until the next Update or
+// Close.
+func (a *Attachment) applyLocked(target []lpmEntry) error {
+	want := map[netip.Prefix]bool{}
+	for _, e := range target {
+		want[e.prefix] = true
+	}
+	puts := slices.Clone(target)
+	var stale []netip.Prefix
+	for _, e := range a.entries {
+		if !want[e.prefix] {
+			stale = append(stale, e.prefix)
+			puts = append(puts, coveringEntry(target, e.prefix))
+		}
+	}
+	slices.SortStableFunc(puts, func(x, y lpmEntry) int { return y.prefix.Bits() - x.prefix.Bits() })
+	for _, e := range puts {
+		if err := a.putEntryLocked(e); err != nil {
+			return err
+		}
+	}
+	if len(stale) == 0 {
+		return nil
+	}
+	if err := waitForReaders(); err != nil {
+		a.m.log.Warn("ebpf: cannot wait for running programs; keeping stale (harmless) rule entries",
+			"ifindex", a.ifindex, "stale", len(stale), "err", err)
+		return nil
+	}
+	for _, q := range stale {
+		if err := a.deleteEntryLocked(q); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitForReaders returns once every eBPF program run that started before
+// the call has finished. The programs run inside RCU read-side critical
+// sections; membarrier(MEMBARRIER_CMD_GLOBAL) waits for an RCU grace period
+// (synchronize_rcu). It fails on nohz_full kernels.
+func waitForReaders() error {
+	const membarrierCmdGlobal = 1 // MEMBARRIER_CMD_GLOBAL
+	if _, _, e := unix.Syscall(unix.SYS_MEMBARRIER, membarrierCmdGlobal, 0, 0); e != 0 {
+		return fmt.Errorf("membarrier: %w", e)
+	}
+	return nil
+}
+
+// coveringEntry is an entry for q holding the rules of the longest entry
+// of entries that contains q (none: no rules).
+func coveringEntry(entries []lpmEntry, q netip.Prefix) lpmEntry {
+	out, best := lpmEntry{prefix: q}, -1
+	for _, e := range entries {
+		if b := e.prefix.Bits(); b <= q.Bits() && b > best && e.prefix.Contains(q.Addr()) {
+			out.allow, out.deny, best = e.allow, e.deny, b
+		}
+	}
+	return out
+}
+
 // Counters returns the sandbox's counters summed over CPUs.
 func (a *Attachment) Counters() (Counters, error) {
 	var per []egressCounters
@@ -421,8 +587,9 @@ func (a *Attachment) Close() error {
 }
 
 func (a *Attachment) close() error {
-	a.setupMu.Lock()
-	defer a.setupMu.Unlock()
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.closed = true
 	var errList []error
 	// Detach first: with the entries gone an attached program drops all.
 	for _, l := range a.links {
@@ -452,14 +619,9 @@ func (a *Attachment) close() error {
 			errList = append(errList, fmt.Errorf("ebpf: deleting map entry for interface %d: %w", a.ifindex, err))
 		}
 	}
-	for _, k := range a.allow {
-		if err := deleteKey(a.m.objs.AllowRules, k); err != nil {
-			errList = append(errList, fmt.Errorf("ebpf: deleting allow rule for interface %d: %w", a.ifindex, err))
-		}
-	}
-	for _, k := range a.deny {
-		if err := deleteKey(a.m.objs.DenyRules, k); err != nil {
-			errList = append(errList, fmt.Errorf("ebpf: deleting deny rule for interface %d: %w", a.ifindex, err))
+	for _, e := range slices.Clone(a.entries) {
+		if err := a.deleteEntryLocked(e.prefix); err != nil {
+			errList = append(errList, err)
 		}
 	}
 	a.m.mu.Lock()

@@ -35,3 +35,6 @@ func (*Attachment) Counters() (Counters, error) { return Counters{}, unsupported
 
 // Close does nothing.
 func (*Attachment) Close() error { return nil }
+
+// Update always fails on this platform.
+func (*Attachment) Update(Policy) error { return unsupported() }

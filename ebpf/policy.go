@@ -2,6 +2,7 @@ package ebpf
 
 import (
 	"cmp"
+	"fmt"
 	"net/netip"
 	"slices"
 	"strconv"
@@ -185,8 +186,9 @@ func validateRule(r Rule) error {
 	return nil
 }
 
-// maxPortRules is MAX_PORT_RULES in bpf/egress.c: how many rules (after
-// merging) may cover one prefix of one sandbox.
+// maxPortRules is MAX_PORT_RULES in bpf/egress.c: how many allow rules,
+// and how many deny rules (after merging), may cover one prefix of one
+// sandbox.
 const maxPortRules = 16
 
 // portRule is one rule as stored under an LPM entry.
@@ -196,46 +198,91 @@ type portRule struct {
 	any    bool
 }
 
-// lpmEntry is one LPM trie entry: a prefix and every rule covering it.
+// lpmEntry is one LPM trie entry of a sandbox: a prefix, and the allow and
+// the deny rules covering it.
 type lpmEntry struct {
-	prefix netip.Prefix
-	rules  []portRule
+	prefix      netip.Prefix
+	allow, deny []portRule
 }
 
-// buildEntries turns rules into LPM entries. Each distinct prefix gets an
-// entry holding its own rules and those of every shorter prefix containing
-// it, so the kernel's longest-prefix match alone finds all rules that apply.
-// Rules of one prefix length merge: an all-ports rule absorbs port rules,
-// overlapping or adjacent port ranges join.
-func buildEntries(rules []Rule) ([]lpmEntry, error) {
-	byPrefix := map[netip.Prefix][]PortRange{}
+// buildEntries validates p's rules and turns them into LPM entries. Each
+// prefix of an allow or a deny rule gets an entry holding the rules of its
+// own prefix and of every shorter prefix containing it, so the kernel's
+// longest-prefix match alone finds all rules that apply, allow and deny, in
+// one lookup. Rules of one prefix length merge: an all-ports rule absorbs
+// port rules, overlapping or adjacent port ranges join. Entries come
+// sorted by address, then prefix length.
+func buildEntries(p Policy) ([]lpmEntry, error) {
+	allow, err := groupRules(p.Allow)
+	if err != nil {
+		return nil, fmt.Errorf("allow rules: %w", err)
+	}
+	deny, err := groupRules(p.Deny)
+	if err != nil {
+		return nil, fmt.Errorf("deny rules: %w", err)
+	}
+	set := map[netip.Prefix]bool{}
+	for q := range allow {
+		set[q] = true
+	}
+	for q := range deny {
+		set[q] = true
+	}
+	prefixes := sortedPrefixes(set)
+	entries := make([]lpmEntry, 0, len(prefixes))
+	for _, q := range prefixes {
+		e := lpmEntry{prefix: q, allow: coveringRules(allow, q), deny: coveringRules(deny, q)}
+		for _, l := range []struct {
+			what  string
+			rules []portRule
+		}{{"allow", e.allow}, {"deny", e.deny}} {
+			if len(l.rules) > maxPortRules {
+				return nil, errs.New(errs.KindInvalidArgument, "%d %s rules apply to %s after merging, at most %d are supported", len(l.rules), l.what, q, maxPortRules)
+			}
+		}
+		entries = append(entries, e)
+	}
+	return entries, nil
+}
+
+// groupRules validates rules and groups their port ranges by prefix.
+func groupRules(rules []Rule) (map[netip.Prefix][]PortRange, error) {
+	by := map[netip.Prefix][]PortRange{}
 	for _, r := range rules {
 		if err := validateRule(r); err != nil {
 			return nil, err
 		}
-		byPrefix[r.Prefix] = append(byPrefix[r.Prefix], r.Ports)
+		by[r.Prefix] = append(by[r.Prefix], r.Ports)
 	}
-	prefixes := make([]netip.Prefix, 0, len(byPrefix))
-	for p := range byPrefix {
-		prefixes = append(prefixes, p)
+	return by, nil
+}
+
+// sortedPrefixes returns the prefixes of set by address, then length.
+func sortedPrefixes(set map[netip.Prefix]bool) []netip.Prefix {
+	out := make([]netip.Prefix, 0, len(set))
+	for q := range set {
+		out = append(out, q)
 	}
-	slices.SortFunc(prefixes, func(a, b netip.Prefix) int {
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
 		return cmp.Or(a.Addr().Compare(b.Addr()), cmp.Compare(a.Bits(), b.Bits()))
 	})
-	entries := make([]lpmEntry, 0, len(prefixes))
-	for _, p := range prefixes {
-		var covering []portRule
-		for _, q := range prefixes {
-			if q.Bits() <= p.Bits() && q.Contains(p.Addr()) {
-				covering = append(covering, mergePorts(q, byPrefix[q])...)
-			}
+	return out
+}
+
+// coveringRules returns the merged rules of every prefix of by that
+// contains p (p included), shortest prefix first.
+func coveringRules(by map[netip.Prefix][]PortRange, p netip.Prefix) []portRule {
+	set := map[netip.Prefix]bool{}
+	for q := range by {
+		if q.Bits() <= p.Bits() && q.Contains(p.Addr()) {
+			set[q] = true
 		}
-		if len(covering) > maxPortRules {
-			return nil, errs.New(errs.KindInvalidArgument, "%d rules apply to %s after merging, at most %d are supported", len(covering), p, maxPortRules)
-		}
-		entries = append(entries, lpmEntry{prefix: p, rules: covering})
 	}
-	return entries, nil
+	var out []portRule
+	for _, q := range sortedPrefixes(set) { // nested: by address then length is by length
+		out = append(out, mergePorts(q, by[q])...)
+	}
+	return out
 }
 
 // mergePorts merges the port ranges of the rules for one prefix.

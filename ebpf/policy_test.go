@@ -2,6 +2,7 @@ package ebpf
 
 import (
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -86,24 +87,37 @@ func TestBuildEntries(t *testing.T) {
 		return r
 	}
 	p := netip.MustParsePrefix
-	got, err := buildEntries([]Rule{
-		rule("10.0.0.0/8:80"),
-		rule("10.0.0.0/8:81-90"), // adjacent: merges with :80
-		rule("10.0.0.0/8:100-200"),
-		rule("10.0.0.0/8:150-300"), // overlapping: merges
-		rule("10.1.0.0/16"),
-		rule("10.1.0.0/16:443"), // absorbed by the all-ports rule
-		rule("10.1.2.0/24:22"),
-		rule("192.168.0.0/16:5432"),
+	got, err := buildEntries(Policy{
+		Allow: []Rule{
+			rule("10.0.0.0/8:80"),
+			rule("10.0.0.0/8:81-90"), // adjacent: merges with :80
+			rule("10.0.0.0/8:100-200"),
+			rule("10.0.0.0/8:150-300"), // overlapping: merges
+			rule("10.1.0.0/16"),
+			rule("10.1.0.0/16:443"), // absorbed by the all-ports rule
+			rule("10.1.2.0/24:22"),
+			rule("192.168.0.0/16:5432"),
+		},
+		Deny: []Rule{
+			rule("10.1.2.0/24:23"),    // shares an entry with an allow prefix
+			rule("10.1.3.0/24"),       // its own entry, under allow 10/8 and 10.1/16
+			rule("0.0.0.0/0:25"),      // covers every entry
+			rule("192.168.0.0/16:22"), // same prefix as an allow rule
+		},
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
+	allow8 := []portRule{{lo: 80, hi: 90, plen: 8}, {lo: 100, hi: 300, plen: 8}}
+	allow16 := append(slices.Clone(allow8), portRule{plen: 16, any: true})
+	deny0 := portRule{lo: 25, hi: 25}
 	want := []lpmEntry{
-		{prefix: p("10.0.0.0/8"), rules: []portRule{{lo: 80, hi: 90, plen: 8}, {lo: 100, hi: 300, plen: 8}}},
-		{prefix: p("10.1.0.0/16"), rules: []portRule{{lo: 80, hi: 90, plen: 8}, {lo: 100, hi: 300, plen: 8}, {plen: 16, any: true}}},
-		{prefix: p("10.1.2.0/24"), rules: []portRule{{lo: 80, hi: 90, plen: 8}, {lo: 100, hi: 300, plen: 8}, {plen: 16, any: true}, {lo: 22, hi: 22, plen: 24}}},
-		{prefix: p("192.168.0.0/16"), rules: []portRule{{lo: 5432, hi: 5432, plen: 16}}},
+		{prefix: p("0.0.0.0/0"), deny: []portRule{deny0}},
+		{prefix: p("10.0.0.0/8"), allow: allow8, deny: []portRule{deny0}},
+		{prefix: p("10.1.0.0/16"), allow: allow16, deny: []portRule{deny0}},
+		{prefix: p("10.1.2.0/24"), allow: append(slices.Clone(allow16), portRule{lo: 22, hi: 22, plen: 24}), deny: []portRule{deny0, {lo: 23, hi: 23, plen: 24}}},
+		{prefix: p("10.1.3.0/24"), allow: allow16, deny: []portRule{deny0, {plen: 24, any: true}}},
+		{prefix: p("192.168.0.0/16"), allow: []portRule{{lo: 5432, hi: 5432, plen: 16}}, deny: []portRule{deny0, {lo: 22, hi: 22, plen: 16}}},
 	}
 	if diff := cmp.Diff(want, got, cmp.AllowUnexported(lpmEntry{}, portRule{}), cmp.Comparer(func(a, b netip.Prefix) bool { return a == b })); diff != "" {
 		t.Errorf("buildEntries mismatch (-want +got):\n%s", diff)
@@ -114,8 +128,10 @@ func TestBuildEntries(t *testing.T) {
 	for i := range maxPortRules + 1 {
 		many = append(many, Rule{Prefix: p("1.2.3.0/24"), Ports: PortRange{uint16(10 * (i + 1)), uint16(10*(i+1) + 1)}})
 	}
-	if _, err := buildEntries(many); err == nil || !errs.IsInvalid(err) {
-		t.Errorf("buildEntries(%d ranges) error = %v, want invalid_argument", len(many), err)
+	for _, pol := range []Policy{{Allow: many}, {Deny: many}} {
+		if _, err := buildEntries(pol); err == nil || !errs.IsInvalid(err) {
+			t.Errorf("buildEntries(%d ranges) error = %v, want invalid_argument", len(many), err)
+		}
 	}
 	for _, bad := range []Rule{
 		{Prefix: p("2001:db8::/32")},
@@ -124,8 +140,10 @@ func TestBuildEntries(t *testing.T) {
 		{Prefix: p("10.0.0.0/8"), Ports: PortRange{90, 80}},
 		{},
 	} {
-		if _, err := buildEntries([]Rule{bad}); err == nil || !errs.IsInvalid(err) {
-			t.Errorf("buildEntries(%v) error = %v, want invalid_argument", bad, err)
+		for _, pol := range []Policy{{Allow: []Rule{bad}}, {Deny: []Rule{bad}}} {
+			if _, err := buildEntries(pol); err == nil || !errs.IsInvalid(err) {
+				t.Errorf("buildEntries(%+v) error = %v, want invalid_argument", pol, err)
+			}
 		}
 	}
 }

@@ -151,11 +151,7 @@ func storePolicy(t testing.TB, m *Manager, ifindex int, p Policy) *Attachment {
 }
 
 func storePolicyErr(m *Manager, ifindex int, p Policy) (*Attachment, error) {
-	allow, err := buildEntries(p.Allow)
-	if err != nil {
-		return nil, err
-	}
-	deny, err := buildEntries(p.Deny)
+	entries, err := buildEntries(p)
 	if err != nil {
 		return nil, err
 	}
@@ -163,7 +159,10 @@ func storePolicyErr(m *Manager, ifindex int, p Policy) (*Attachment, error) {
 	m.mu.Lock()
 	m.atts[ifindex] = a
 	m.mu.Unlock()
-	if err := a.storeMaps(p.Egress, allow, deny); err != nil {
+	a.mu.Lock()
+	err = a.storeMapsLocked(p.Egress, entries)
+	a.mu.Unlock()
+	if err != nil {
 		return nil, errors.Join(err, a.Close())
 	}
 	return a, nil

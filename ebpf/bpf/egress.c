@@ -135,10 +135,16 @@ struct rule_key {
 	__be32 addr;
 };
 
+// One LPM entry of one sandbox: the allow and the deny rules covering its
+// prefix. Allow and deny share the entry so a packet reads the sandbox's
+// rules with ONE lookup: Attachment.Update rewrites entries in place, and a
+// packet must see one policy's rules, never one policy's deny list with
+// another's allow list.
 struct rule_val {
-	__u32 n;
-	__u32 pad;
-	struct port_rule rules[MAX_PORT_RULES];
+	__u32 allow_n;
+	__u32 deny_n;
+	struct port_rule allow[MAX_PORT_RULES];
+	struct port_rule deny[MAX_PORT_RULES];
 };
 
 struct policy {
@@ -186,15 +192,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rule_key);
 	__type(value, struct rule_val);
-} allow_rules SEC(".maps");
-
-struct {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, MAX_RULE_PREFIXES);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, struct rule_key);
-	__type(value, struct rule_val);
-} deny_rules SEC(".maps");
+} rules SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -233,27 +231,27 @@ struct {
 	__type(value, struct counters);
 } sandbox_counters SEC(".maps");
 
-// rules_match reports whether a rule in map for ifindex matches the packet:
-// an all-ports rule matches any packet to its prefix; a port rule matches
-// TCP and UDP (first fragments) whose destination port is in its range.
-// Rules shorter than min_plen are ignored.
-static __always_inline int rules_match(void *map, __u32 ifindex, __be32 daddr, int has_port, __u16 dport,
-				       __u32 min_plen)
+// rules_match reports whether one of the n rules matches the packet: an
+// all-ports rule matches any packet to its prefix; a port rule matches TCP
+// and UDP (first fragments) whose destination port is in its range. Rules
+// shorter than min_plen are ignored.
+static __always_inline int rules_match(struct port_rule *rs, __u32 n, int has_port, __u16 dport, __u32 min_plen)
 {
-	struct rule_key key = {.prefixlen = 64, .ifindex = ifindex, .addr = daddr};
-	struct rule_val *v = bpf_map_lookup_elem(map, &key);
-	if (!v)
-		return 0;
-	__u32 n = v->n;
 	int found = 0;
 #pragma unroll
 	for (int i = 0; i < MAX_PORT_RULES; i++) {
-		struct port_rule *r = &v->rules[i];
+		struct port_rule *r = &rs[i];
 		if (i < n && r->plen >= min_plen &&
 		    (r->any_port || (has_port && dport >= r->lo && dport <= r->hi)))
 			found = 1;
 	}
 	return found;
+}
+
+// allowed reports whether an allow rule of v at least min_plen long matches.
+static __always_inline int allowed(struct rule_val *v, int has_port, __u16 dport, __u32 min_plen)
+{
+	return v && rules_match(v->allow, v->allow_n, has_port, dport, min_plen);
 }
 
 // verdict returns REASON_NONE to pass the packet, or why to drop it.
@@ -290,7 +288,10 @@ static __always_inline int verdict(struct __sk_buff *skb, __u32 ifindex)
 		has_port = 1;
 	}
 
-	if (rules_match(&deny_rules, ifindex, daddr, has_port, dport, 0))
+	// The sandbox's one rules lookup (see struct rule_val).
+	struct rule_key key = {.prefixlen = 64, .ifindex = ifindex, .addr = daddr};
+	struct rule_val *v = bpf_map_lookup_elem(&rules, &key);
+	if (v && rules_match(v->deny, v->deny_n, has_port, dport, 0))
 		return REASON_DENIED;
 
 	if (has_port) {
@@ -299,18 +300,17 @@ static __always_inline int verdict(struct __sk_buff *skb, __u32 ifindex)
 			return REASON_NONE;
 	}
 	if (bpf_map_lookup_elem(&host_addrs, &daddr))
-		return rules_match(&allow_rules, ifindex, daddr, has_port, dport, 32) ? REASON_NONE : REASON_HOST;
+		return allowed(v, has_port, dport, 32) ? REASON_NONE : REASON_HOST;
 
 	__u32 zero = 0;
 	struct global *g = bpf_map_lookup_elem(&globals, &zero);
 	if (g && g->subnet_set && (daddr & g->subnet_mask) == g->subnet_addr)
-		return rules_match(&allow_rules, ifindex, daddr, has_port, dport, g->subnet_plen) ? REASON_NONE
-												   : REASON_SANDBOX;
+		return allowed(v, has_port, dport, g->subnet_plen) ? REASON_NONE : REASON_SANDBOX;
 
 	struct special_key spk = {.prefixlen = 32, .addr = daddr};
 	__u8 *special = bpf_map_lookup_elem(&special_ranges, &spk);
 	if (special) {
-		if (rules_match(&allow_rules, ifindex, daddr, has_port, dport, 0))
+		if (allowed(v, has_port, dport, 0))
 			return REASON_NONE;
 		return *special == REASON_METADATA ? REASON_METADATA : REASON_PRIVATE;
 	}
