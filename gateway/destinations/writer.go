@@ -342,3 +342,45 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	}
 	return m, nil
 }
+
+// DeliverJSON sends body, a complete JSON record that is not an invocation
+// record (the OnFailure record of a skipped stream batch), to a queue or
+// webhook target. requestID names it: the webhook's request id and, on a
+// FIFO queue, its deduplication id. Function targets are refused (errs
+// Invalid "destination"). Errors are as Deliver's.
+func (w *Writer) DeliverJSON(ctx context.Context, target, requestID string, body []byte) error {
+	start := w.cfg.Now()
+	t, err := ParseTarget(target)
+	if err != nil {
+		w.met.deliveries.WithLabelValues("invalid", "failed").Inc()
+		return err
+	}
+	switch t.Kind {
+	case KindQueue:
+		if w.q == nil {
+			err = errs.Invalid("destination", "queue destinations are not available on this gateway")
+			break
+		}
+		req := &skiffv1.SendMessageRequest{Queue: t.Name, Body: string(body)}
+		if isFIFO(t.Name) {
+			sum := sha256.Sum256(body)
+			req.MessageGroupId = "stream-batches"
+			req.MessageDeduplicationId = fifoID(requestID, hex.EncodeToString(sum[:]))
+		}
+		if _, serr := w.q.Send(ctx, req); serr != nil {
+			err = fmt.Errorf("sending record to destination queue %q: %w", t.Name, serr)
+		}
+	case KindWebhook:
+		err = w.postWebhook(ctx, t.URL, requestID, body)
+	default:
+		err = errs.Invalid("destination", "a %s destination cannot receive this record: use a queue or a webhook", t.Kind)
+	}
+	outcome := "delivered"
+	if err != nil {
+		outcome = "failed"
+		w.log.Warn("destination delivery failed", "kind", t.Kind, "target", redactTarget(t), "request_id", requestID, "err", err)
+	}
+	w.met.deliveries.WithLabelValues(t.Kind, outcome).Inc()
+	w.met.duration.WithLabelValues(t.Kind).Observe(w.cfg.Now().Sub(start).Seconds())
+	return err
+}

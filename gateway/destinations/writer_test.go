@@ -422,3 +422,33 @@ func histogramCount(t *testing.T, reg *prometheus.Registry, name string) uint64 
 	}
 	return n
 }
+
+// TestDeliverJSON: a stream batch's OnFailure record goes to a queue as is
+// (FIFO queues deduplicate it by request id and content); function
+// targets are refused, since the record is not an invocation record.
+func TestDeliverJSON(t *testing.T) {
+	var sent []*skiffv1.SendMessageRequest
+	q := &fakeQueues{send: func(_ context.Context, req *skiffv1.SendMessageRequest) (*skiffv1.SendMessageResponse, error) {
+		sent = append(sent, req)
+		return &skiffv1.SendMessageResponse{MessageId: "m"}, nil
+	}}
+	w, _ := newWriter(t, Config{SigningKey: testKey}, q, &fakeFunctions{})
+	body := []byte(`{"KinesisBatchInfo":{"shardId":"shardId-000000000000","batchSize":1}}`)
+	ctx := context.Background()
+	if err := w.DeliverJSON(ctx, "queue:failed", "req-1", body); err != nil {
+		t.Fatal(err)
+	}
+	if err := w.DeliverJSON(ctx, "queue:failed.fifo", "req-1", body); err != nil {
+		t.Fatal(err)
+	}
+	if len(sent) != 2 || sent[0].Body != string(body) || sent[0].MessageGroupId != "" ||
+		sent[1].MessageGroupId == "" || sent[1].MessageDeduplicationId == "" {
+		t.Fatalf("sent %v, want the body as is, with group and dedup ids on the FIFO queue", sent)
+	}
+	if err := w.DeliverJSON(ctx, "function:other", "req-1", body); !errs.IsInvalid(err) {
+		t.Fatalf("function target: got %v, want InvalidArgument", err)
+	}
+	if len(sent) != 2 {
+		t.Fatal("a refused target sent something")
+	}
+}

@@ -34,6 +34,15 @@
 //     the queue's max receive count, so give queues with a dead-letter
 //     queue a max receive count of 5 or more.
 //
+// Stream mappings (stream set instead of queue: Lambda's Kinesis event
+// source) are validated and stored here too, with their own fields and
+// defaults (starting position, batch size 1-10000 defaulting to 100,
+// parallelization factor, bisect, retries, record age, OnFailure through
+// Config.Destinations, tumbling window); stream-only fields on a queue
+// mapping and MaximumConcurrency on a stream mapping are refused naming
+// the field. This package's pollers ignore them: gateway/streams runs
+// them.
+//
 // The package reaches queues, functions, invokes and leases through the
 // small Queues, Functions, Invoker and leaser interfaces; New wires the real
 // *lease.Service.
@@ -151,6 +160,25 @@ type Config struct {
 	// ReconcileInterval is how often Run re-checks the lease resources
 	// against the stored mappings besides reacting to changes.
 	ReconcileInterval time.Duration
+
+	// Streams checks that the stream of a stream mapping exists
+	// (gateway/kinesis's *Store); nil refuses stream mappings. Stream
+	// mappings are stored here but run by gateway/streams.
+	Streams StreamChecker
+	// Destinations validates the OnFailure target of stream mappings
+	// (gateway/destinations' *Writer); nil refuses on_failure.
+	Destinations TargetValidator
+}
+
+// StreamChecker is what the handler needs to know about streams.
+type StreamChecker interface {
+	// Exists returns errs.NotFound when the stream does not exist.
+	Exists(ctx context.Context, stream string) error
+}
+
+// TargetValidator checks a destination target ("queue:NAME", a URL).
+type TargetValidator interface {
+	Validate(ctx context.Context, target string) error
 }
 
 func (c *Config) setDefaults() {
@@ -438,7 +466,7 @@ func (s *Service) match(resource string) bool {
 		return false
 	}
 	m := s.mapping(id)
-	return m != nil && m.GetEnabled()
+	return m != nil && m.GetEnabled() && m.GetStream() == ""
 }
 
 func (s *Service) reconcileLoop(ctx context.Context, errc <-chan error) error {
@@ -463,7 +491,7 @@ func (s *Service) reconcile(ctx context.Context) error {
 	s.mu.Lock()
 	want := make(map[string]int, len(s.mappings))
 	for id, m := range s.mappings {
-		if m.GetEnabled() {
+		if m.GetEnabled() && m.GetStream() == "" {
 			want[ResourcePrefix+id] = s.slotCount(m)
 		}
 	}

@@ -87,6 +87,15 @@ func (s *Service) Create(ctx context.Context, in *skiffv1.EventSourceMapping) (*
 		MaximumConcurrency:           in.MaximumConcurrency,
 		FunctionResponseTypes:        slices.Clone(in.GetFunctionResponseTypes()),
 		Enabled:                      in.Enabled,
+		Stream:                       in.GetStream(),
+		StartingPosition:             in.GetStartingPosition(),
+		StartingPositionTimestamp:    in.GetStartingPositionTimestamp(),
+		ParallelizationFactor:        in.ParallelizationFactor,
+		BisectBatchOnFunctionError:   in.GetBisectBatchOnFunctionError(),
+		MaximumRetryAttempts:         in.MaximumRetryAttempts,
+		MaximumRecordAgeSeconds:      in.MaximumRecordAgeSeconds,
+		OnFailure:                    in.GetOnFailure(),
+		TumblingWindowSeconds:        in.GetTumblingWindowSeconds(),
 	}
 	if err := normalize(m); err != nil {
 		return nil, err
@@ -94,7 +103,14 @@ func (s *Service) Create(ctx context.Context, in *skiffv1.EventSourceMapping) (*
 	if err := s.checkFunction(ctx, m.GetFunctionName()); err != nil {
 		return nil, err
 	}
-	if err := s.checkQueue(ctx, m.GetQueue()); err != nil {
+	if m.GetStream() != "" {
+		if err := s.checkStream(ctx, m.GetStream()); err != nil {
+			return nil, err
+		}
+		if err := s.checkOnFailure(ctx, m.GetOnFailure()); err != nil {
+			return nil, err
+		}
+	} else if err := s.checkQueue(ctx, m.GetQueue()); err != nil {
 		return nil, err
 	}
 	s.writeMu.Lock()
@@ -149,7 +165,9 @@ func (s *Service) List(ctx context.Context, function, queue string) ([]*skiffv1.
 	return out, nil
 }
 
-// updatable are the fields update_mask may name.
+// updatable are the fields update_mask may name. The source (queue or
+// stream), its starting position and the parallelization factor (which
+// fixes the stream's lanes and their checkpoints) cannot change.
 var updatable = map[string]bool{
 	"batch_size":                      true,
 	"maximum_batching_window_seconds": true,
@@ -157,6 +175,11 @@ var updatable = map[string]bool{
 	"function_response_types":         true,
 	"enabled":                         true,
 	"function_name":                   true,
+	"bisect_batch_on_function_error":  true,
+	"maximum_retry_attempts":          true,
+	"maximum_record_age_seconds":      true,
+	"on_failure":                      true,
+	"tumbling_window_seconds":         true,
 }
 
 // Update replaces the fields of a mapping named in mask (or, with an empty
@@ -175,7 +198,7 @@ func (s *Service) Update(ctx context.Context, id string, upd *skiffv1.EventSourc
 	set := map[string]bool{}
 	for _, f := range mask {
 		if !updatable[f] {
-			return nil, errs.Invalid("update_mask", "field %q cannot be updated: update_mask may name batch_size, maximum_batching_window_seconds, maximum_concurrency, function_response_types, enabled and function_name", f)
+			return nil, errs.Invalid("update_mask", "field %q cannot be updated: update_mask may name batch_size, maximum_batching_window_seconds, maximum_concurrency, function_response_types, enabled, function_name, bisect_batch_on_function_error, maximum_retry_attempts, maximum_record_age_seconds, on_failure and tumbling_window_seconds", f)
 		}
 		set[f] = true
 	}
@@ -186,8 +209,16 @@ func (s *Service) Update(ctx context.Context, id string, upd *skiffv1.EventSourc
 		set["function_response_types"] = len(upd.GetFunctionResponseTypes()) > 0
 		set["enabled"] = upd.Enabled != nil
 		set["function_name"] = upd.GetFunctionName() != ""
+		set["bisect_batch_on_function_error"] = upd.GetBisectBatchOnFunctionError()
+		set["maximum_retry_attempts"] = upd.MaximumRetryAttempts != nil
+		set["maximum_record_age_seconds"] = upd.MaximumRecordAgeSeconds != nil
+		set["on_failure"] = upd.GetOnFailure() != ""
+		set["tumbling_window_seconds"] = upd.GetTumblingWindowSeconds() != 0
 		if upd.GetQueue() != "" {
 			return nil, errs.Invalid("queue", "the queue of a mapping cannot be changed: create another mapping")
+		}
+		if err := checkFixed(upd); err != nil {
+			return nil, err
 		}
 	}
 	if !slices.Contains(slices.Collect(maps.Values(set)), true) {
@@ -223,8 +254,28 @@ func (s *Service) Update(ctx context.Context, id string, upd *skiffv1.EventSourc
 		if set["function_name"] {
 			next.FunctionName = upd.GetFunctionName()
 		}
+		if set["bisect_batch_on_function_error"] {
+			next.BisectBatchOnFunctionError = upd.GetBisectBatchOnFunctionError()
+		}
+		if set["maximum_retry_attempts"] {
+			next.MaximumRetryAttempts = upd.MaximumRetryAttempts
+		}
+		if set["maximum_record_age_seconds"] {
+			next.MaximumRecordAgeSeconds = upd.MaximumRecordAgeSeconds
+		}
+		if set["on_failure"] {
+			next.OnFailure = upd.GetOnFailure()
+		}
+		if set["tumbling_window_seconds"] {
+			next.TumblingWindowSeconds = upd.GetTumblingWindowSeconds()
+		}
 		if err := normalize(next); err != nil {
 			return nil, err
+		}
+		if next.GetOnFailure() != "" && next.GetOnFailure() != cur.GetOnFailure() {
+			if err := s.checkOnFailure(ctx, next.GetOnFailure()); err != nil {
+				return nil, err
+			}
 		}
 		if next.GetFunctionName() != cur.GetFunctionName() {
 			if err := s.checkFunction(ctx, next.GetFunctionName()); err != nil {
@@ -327,8 +378,12 @@ func (s *Service) checkUnique(ctx context.Context, m *skiffv1.EventSourceMapping
 		return err
 	}
 	for _, o := range all {
-		if o.GetUuid() != self && o.GetQueue() == m.GetQueue() && o.GetFunctionName() == m.GetFunctionName() {
-			return errs.New(errs.KindAlreadyExists, "an event source mapping from queue %s to function %s already exists: %s", m.GetQueue(), m.GetFunctionName(), o.GetUuid())
+		if o.GetUuid() != self && o.GetQueue() == m.GetQueue() && o.GetStream() == m.GetStream() && o.GetFunctionName() == m.GetFunctionName() {
+			kind, src := "queue", m.GetQueue()
+			if m.GetStream() != "" {
+				kind, src = "stream", m.GetStream()
+			}
+			return errs.New(errs.KindAlreadyExists, "an event source mapping from %s %s to function %s already exists: %s", kind, src, m.GetFunctionName(), o.GetUuid())
 		}
 	}
 	return nil
@@ -350,6 +405,38 @@ func (s *Service) checkQueue(ctx context.Context, name string) error {
 	return err
 }
 
+func (s *Service) checkStream(ctx context.Context, name string) error {
+	if s.cfg.Streams == nil {
+		return errs.Invalid("stream", "stream event sources are not available on this gateway")
+	}
+	err := s.cfg.Streams.Exists(ctx, name)
+	if errs.IsNotFound(err) {
+		return errs.Invalid("stream", "stream %s does not exist", name)
+	}
+	return err
+}
+
+// checkOnFailure checks an OnFailure destination: a skiff queue or an
+// http(s) webhook, validated by the destinations writer.
+func (s *Service) checkOnFailure(ctx context.Context, target string) error {
+	if target == "" {
+		return nil
+	}
+	if !strings.HasPrefix(target, "queue:") && !strings.HasPrefix(target, "http://") && !strings.HasPrefix(target, "https://") {
+		return errs.Invalid("on_failure", "on_failure %q is not \"queue:NAME\" or an http(s) URL", target)
+	}
+	if s.cfg.Destinations == nil {
+		return errs.Invalid("on_failure", "on-failure destinations are not available on this gateway")
+	}
+	if err := s.cfg.Destinations.Validate(ctx, target); err != nil {
+		if errs.IsNotFound(err) || errs.Is(err, errs.KindInvalidArgument) {
+			return errs.Invalid("on_failure", "on_failure: %v", err)
+		}
+		return err
+	}
+	return nil
+}
+
 func (s *Service) timestamp() string { return s.cfg.Now().UTC().Format(time.RFC3339Nano) }
 
 // normalize fills the defaults of a mapping and checks every field: the
@@ -359,6 +446,17 @@ func (s *Service) timestamp() string { return s.cfg.Now().UTC().Format(time.RFC3
 func normalize(m *skiffv1.EventSourceMapping) error {
 	if !validFunctionName(m.GetFunctionName()) {
 		return errs.Invalid("function_name", "function name %q is not 1-64 letters, digits, '-' or '_'", m.GetFunctionName())
+	}
+	switch {
+	case m.GetQueue() != "" && m.GetStream() != "":
+		return errs.Invalid("stream", "a mapping has one source: set queue or stream, not both")
+	case m.GetQueue() == "" && m.GetStream() == "":
+		return errs.Invalid("queue", "a mapping needs a source: set queue or stream")
+	case m.GetStream() != "":
+		return normalizeStream(m)
+	}
+	if err := rejectStreamFields(m); err != nil {
+		return err
 	}
 	if !validQueueName(m.GetQueue()) {
 		return errs.Invalid("queue", "queue name %q is not 1-80 letters, digits, '-' or '_' (with a .fifo suffix for FIFO queues)", m.GetQueue())
@@ -394,6 +492,156 @@ func normalize(m *skiffv1.EventSourceMapping) error {
 		if c := m.GetMaximumConcurrency(); c < minMaximumConcurrency || c > maxMaximumConcurrency {
 			return errs.Invalid("maximum_concurrency", "maximum_concurrency %d is out of range %d-%d", c, minMaximumConcurrency, maxMaximumConcurrency)
 		}
+	}
+	var types []string
+	for _, t := range m.GetFunctionResponseTypes() {
+		if t != reportBatchItemFailures {
+			return errs.Invalid("function_response_types", "function response type %q is not supported: the only one is %s", t, reportBatchItemFailures)
+		}
+		if !slices.Contains(types, t) {
+			types = append(types, t)
+		}
+	}
+	m.FunctionResponseTypes = types
+	return nil
+}
+
+// rejectStreamFields refuses the stream-only fields on a queue mapping.
+func rejectStreamFields(m *skiffv1.EventSourceMapping) error {
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"starting_position", m.GetStartingPosition() != ""},
+		{"starting_position_timestamp", m.GetStartingPositionTimestamp() != ""},
+		{"parallelization_factor", m.ParallelizationFactor != nil},
+		{"bisect_batch_on_function_error", m.GetBisectBatchOnFunctionError()},
+		{"maximum_retry_attempts", m.MaximumRetryAttempts != nil},
+		{"maximum_record_age_seconds", m.MaximumRecordAgeSeconds != nil},
+		{"on_failure", m.GetOnFailure() != ""},
+		{"tumbling_window_seconds", m.GetTumblingWindowSeconds() != 0},
+	} {
+		if f.set {
+			return errs.Invalid(f.name, "%s applies to stream sources only: a queue mapping cannot set it", f.name)
+		}
+	}
+	return nil
+}
+
+// checkFixed refuses an update (without a mask) that sets a field that
+// cannot change.
+func checkFixed(upd *skiffv1.EventSourceMapping) error {
+	for _, f := range []struct {
+		name string
+		set  bool
+	}{
+		{"stream", upd.GetStream() != ""},
+		{"starting_position", upd.GetStartingPosition() != ""},
+		{"starting_position_timestamp", upd.GetStartingPositionTimestamp() != ""},
+		{"parallelization_factor", upd.ParallelizationFactor != nil},
+	} {
+		if f.set {
+			return errs.Invalid(f.name, "%s of a mapping cannot be changed: create another mapping", f.name)
+		}
+	}
+	return nil
+}
+
+// Stream mapping limits and defaults.
+const (
+	defaultStreamBatchSize     = 100
+	maxParallelization         = 10
+	maxRetryAttempts           = 10000
+	minRecordAge, maxRecordAge = 60, 604800
+	maxTumblingWindow          = 900
+	// Starting positions of stream mappings.
+	PositionTrimHorizon = "TRIM_HORIZON"
+	PositionLatest      = "LATEST"
+	PositionAtTimestamp = "AT_TIMESTAMP"
+)
+
+// validStreamName reports whether name is a Kinesis stream name: 1-128
+// letters, digits, '_', '.' and '-'.
+func validStreamName(name string) bool {
+	if len(name) < 1 || len(name) > 128 {
+		return false
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		switch {
+		case c >= 'a' && c <= 'z', c >= 'A' && c <= 'Z', c >= '0' && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return false
+		}
+	}
+	return true
+}
+
+// normalizeStream fills the defaults of a stream mapping and checks its
+// fields (Lambda's Kinesis limits).
+func normalizeStream(m *skiffv1.EventSourceMapping) error {
+	if !validStreamName(m.GetStream()) {
+		return errs.Invalid("stream", "stream name %q is not 1-128 letters, digits, '_', '.' or '-'", m.GetStream())
+	}
+	if m.MaximumConcurrency != nil {
+		return errs.Invalid("maximum_concurrency", "maximum_concurrency applies to queue sources only: use parallelization_factor for streams")
+	}
+	switch m.GetStartingPosition() {
+	case PositionTrimHorizon, PositionLatest:
+		if m.GetStartingPositionTimestamp() != "" {
+			return errs.Invalid("starting_position_timestamp", "starting_position_timestamp needs starting_position %s (got %s)", PositionAtTimestamp, m.GetStartingPosition())
+		}
+	case PositionAtTimestamp:
+		ts := m.GetStartingPositionTimestamp()
+		if ts == "" {
+			return errs.Invalid("starting_position_timestamp", "starting_position %s needs starting_position_timestamp (RFC 3339)", PositionAtTimestamp)
+		}
+		if _, err := time.Parse(time.RFC3339Nano, ts); err != nil {
+			return errs.Invalid("starting_position_timestamp", "starting_position_timestamp %q is not an RFC 3339 time", ts)
+		}
+	case "":
+		return errs.Invalid("starting_position", "starting_position is required for streams: %s, %s or %s", PositionTrimHorizon, PositionLatest, PositionAtTimestamp)
+	default:
+		return errs.Invalid("starting_position", "starting_position %q is not %s, %s or %s", m.GetStartingPosition(), PositionTrimHorizon, PositionLatest, PositionAtTimestamp)
+	}
+	if m.BatchSize == nil {
+		m.BatchSize = proto.Int32(defaultStreamBatchSize)
+	}
+	if m.MaximumBatchingWindowSeconds == nil {
+		m.MaximumBatchingWindowSeconds = proto.Int32(0)
+	}
+	if m.ParallelizationFactor == nil {
+		m.ParallelizationFactor = proto.Int32(1)
+	}
+	if m.MaximumRetryAttempts == nil {
+		m.MaximumRetryAttempts = proto.Int32(-1)
+	}
+	if m.MaximumRecordAgeSeconds == nil {
+		m.MaximumRecordAgeSeconds = proto.Int32(-1)
+	}
+	if m.Enabled == nil {
+		m.Enabled = proto.Bool(true)
+	}
+	if bs := m.GetBatchSize(); bs < 1 || bs > maxBatchSize {
+		return errs.Invalid("batch_size", "batch_size %d is out of range 1-%d", bs, maxBatchSize)
+	}
+	if win := m.GetMaximumBatchingWindowSeconds(); win < 0 || win > maxBatchingWindowSeconds {
+		return errs.Invalid("maximum_batching_window_seconds", "maximum_batching_window_seconds %d is out of range 0-%d", win, maxBatchingWindowSeconds)
+	}
+	if p := m.GetParallelizationFactor(); p < 1 || p > maxParallelization {
+		return errs.Invalid("parallelization_factor", "parallelization_factor %d is out of range 1-%d", p, maxParallelization)
+	}
+	if r := m.GetMaximumRetryAttempts(); r < -1 || r > maxRetryAttempts {
+		return errs.Invalid("maximum_retry_attempts", "maximum_retry_attempts %d is out of range -1 (unlimited) to %d", r, maxRetryAttempts)
+	}
+	if a := m.GetMaximumRecordAgeSeconds(); a != -1 && (a < minRecordAge || a > maxRecordAge) {
+		return errs.Invalid("maximum_record_age_seconds", "maximum_record_age_seconds %d is not -1 (unlimited) or %d-%d", a, minRecordAge, maxRecordAge)
+	}
+	if w := m.GetTumblingWindowSeconds(); w < 0 || w > maxTumblingWindow {
+		return errs.Invalid("tumbling_window_seconds", "tumbling_window_seconds %d is out of range 0-%d", w, maxTumblingWindow)
+	}
+	if f := m.GetOnFailure(); f != "" && !strings.HasPrefix(f, "queue:") && !strings.HasPrefix(f, "http://") && !strings.HasPrefix(f, "https://") {
+		return errs.Invalid("on_failure", "on_failure %q is not \"queue:NAME\" or an http(s) URL", f)
 	}
 	var types []string
 	for _, t := range m.GetFunctionResponseTypes() {

@@ -114,6 +114,7 @@ type Config struct {
 	// nil leaves a service unmounted.
 	Queues       skiffv1connect.QueueServiceHandler
 	EventSources skiffv1connect.EventSourceServiceHandler
+	Streams      skiffv1connect.StreamServiceHandler
 	// LogQueue is the capacity of the log shipping queue (default 4096).
 	LogQueue int
 	// Registry receives the metrics (a private one when nil).
@@ -264,6 +265,11 @@ func (f *Frontend) Mount(mux *http.ServeMux) {
 		// Batches hold at most 256 KB of bodies; leave room for framing.
 		mux.Handle(skiffv1connect.NewQueueServiceHandler(f.cfg.Queues, icpt, connect.WithReadMaxBytes(1<<20)))
 		services = append(services, skiffv1connect.QueueServiceName)
+	}
+	if f.cfg.Streams != nil {
+		// PutRecords carries up to 5 MiB of records.
+		mux.Handle(skiffv1connect.NewStreamServiceHandler(f.cfg.Streams, icpt, connect.WithReadMaxBytes(8<<20)))
+		services = append(services, skiffv1connect.StreamServiceName)
 	}
 	if f.cfg.EventSources != nil {
 		mux.Handle(skiffv1connect.NewEventSourceServiceHandler(f.cfg.EventSources, icpt, connect.WithReadMaxBytes(controlReadMax)))

@@ -35,11 +35,13 @@ import (
 	"skiff.dev/skiff/gateway/destinations"
 	"skiff.dev/skiff/gateway/esm"
 	"skiff.dev/skiff/gateway/frontend"
+	"skiff.dev/skiff/gateway/kinesis"
 	"skiff.dev/skiff/gateway/lease"
 	"skiff.dev/skiff/gateway/queue"
 	"skiff.dev/skiff/gateway/router"
 	"skiff.dev/skiff/gateway/statemgr"
 	"skiff.dev/skiff/gateway/store"
+	"skiff.dev/skiff/gateway/streams"
 	"skiff.dev/skiff/internal/archive"
 	"skiff.dev/skiff/internal/zipdir"
 )
@@ -153,11 +155,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return fmt.Errorf("starting destinations: %w", err)
 	}
 
+	kin, err := kinesis.New(ctx, js, kinesis.Config{Registry: reg, Logger: log.With("component", "kinesis")})
+	if err != nil {
+		return fmt.Errorf("starting streams: %w", err)
+	}
+	defer func() { err = errors.Join(err, kin.Close()) }()
+
 	fe, err := frontend.New(frontend.Config{
 		ValidateCode: validateCode,
 		Async:        asyncSvc,
 		Destinations: dests,
 		Queues:       queues.Handler(),
+		Streams:      kin.Handler(),
 		Registry:     reg,
 		Logger:       log.With("component", "frontend"),
 	}, st, rt)
@@ -167,11 +176,17 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	defer func() { err = errors.Join(err, fe.Close()) }()
 
 	holder := "dev-" + hostID()
-	esmSvc, err := esm.New(ctx, js, esm.Config{Registry: reg, Logger: log.With("component", "esm")}, queues, functionExists{st}, fe, leases, holder+"/esm")
+	esmSvc, err := esm.New(ctx, js, esm.Config{Registry: reg, Logger: log.With("component", "esm"), Streams: kin, Destinations: dests},
+		queues, functionExists{st}, fe, leases, holder+"/esm")
 	if err != nil {
 		return fmt.Errorf("starting event source mappings: %w", err)
 	}
 	defer func() { err = errors.Join(err, esmSvc.Close()) }()
+	streamSvc, err := streams.New(ctx, js, streams.Config{Registry: reg, Logger: log.With("component", "streams")}, kin, fe, dests, leases, holder+"/streams")
+	if err != nil {
+		return fmt.Errorf("starting the stream tracker: %w", err)
+	}
+	defer func() { err = errors.Join(err, streamSvc.Close()) }()
 	fe.SetEventSources(esmSvc.Handler())
 	sm, err := statemgr.New(statemgr.Config{Registry: reg, Logger: log.With("component", "statemgr")}, asyncSvc, st, leases)
 	if err != nil {
@@ -186,6 +201,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	bg.Go(func() error { return pool.Run(bgCtx, keeper, 30*time.Second) })
 	bg.Go(func() error { return sm.Run(bgCtx) })
 	bg.Go(func() error { return esmSvc.Run(bgCtx) })
+	bg.Go(func() error { return streamSvc.Run(bgCtx) })
 	bg.Go(func() error { return leases.RunSweeper(bgCtx, time.Second) })
 	defer func() {
 		stopBG()
