@@ -180,6 +180,8 @@ type clients struct {
 	keys   skiffv1connect.KeyServiceClient
 	queue  skiffv1connect.QueueServiceClient
 	esm    skiffv1connect.EventSourceServiceClient
+	stream skiffv1connect.StreamServiceClient
+	logs   skiffv1connect.LogServiceClient
 }
 
 var protocols = []string{"connect", "grpc"}
@@ -202,6 +204,8 @@ func (d *dev) client(protocol, key string) clients {
 		keys:   skiffv1connect.NewKeyServiceClient(hc, base, opts...),
 		queue:  skiffv1connect.NewQueueServiceClient(hc, base, opts...),
 		esm:    skiffv1connect.NewEventSourceServiceClient(hc, base, opts...),
+		stream: skiffv1connect.NewStreamServiceClient(hc, base, opts...),
+		logs:   skiffv1connect.NewLogServiceClient(hc, base, opts...),
 	}
 }
 

@@ -45,6 +45,9 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 	if req.Action == "" && isSQSEvent(raw) {
 		return handleSQS(ctx, raw)
 	}
+	if req.Action == "" && isKinesisEvent(raw) {
+		return handleKinesis(ctx, raw)
+	}
 	switch req.Action {
 	case "":
 		return raw, nil
