@@ -2,9 +2,12 @@
 // skiff's cold start, warm invoke latency, throughput and agent memory per
 // idle sandbox with `skiff dev` running in this process, measures the same
 // echo function under the AWS Lambda Runtime Interface Emulator as the
-// peer, and prints a table with the skiff/emulator ratio and the issue's
-// targets (also written as markdown to -out). It reports and does not
-// judge: a missed target still exits 0; only a failure to measure does not.
+// peer, then measures async invoke for each durability setting (accept
+// rate and latency against JetStream's own synchronous publish, and the
+// end-to-end latency from accept to function start at a steady rate), and
+// prints tables with the ratios and the issues' targets (also written as
+// markdown to -out). It reports and does not judge: a missed target still
+// exits 0; only a failure to measure does not.
 // It needs root (sandboxes are namespace jails).
 package main
 
@@ -18,9 +21,11 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"syscall"
 	"time"
 
+	"skiff.dev/skiff/gateway/async"
 	"skiff.dev/skiff/vmm/jail"
 )
 
@@ -52,6 +57,15 @@ type config struct {
 	coldprof   string
 	acceptGzip bool
 	timeout    time.Duration
+
+	sync, async  bool // sections to run
+	network      bool
+	asyncClients int
+	asyncEvents  int
+	e2eRate      int
+	e2eDuration  time.Duration
+	asyncProf    string // CPU profile prefix of the async accept and end-to-end phases
+	durability   []async.Durability
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -70,14 +84,43 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.StringVar(&c.coldprof, "coldprofile", "", "write a CPU profile of skiff's cold start phase (creates and deletes included) to this file")
 	fs.BoolVar(&c.acceptGzip, "accept-gzip", true, "let the Connect client accept gzip responses, as connect-go's does by default (false: the server sends them uncompressed)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
+	durability := fs.String("durability", "always,interval", "async durability settings to measure, in this order")
+	sections := fs.String("sections", "sync,async,network", "sections to run: sync (invoke latency, throughput, memory), async (accept, end to end), network (egress start cost, eBPF throughput cost)")
+	fs.IntVar(&c.asyncClients, "async-clients", 12, "concurrent clients of the async accept and raw JetStream phases")
+	fs.IntVar(&c.asyncEvents, "async-events", 2000, "events each async client sends")
+	fs.IntVar(&c.e2eRate, "e2e-rate", 1000, "events/s of the async end-to-end phase")
+	fs.DurationVar(&c.e2eDuration, "e2e-duration", 5*time.Second, "duration of the measured async end-to-end phase")
+	fs.StringVar(&c.asyncProf, "asyncprofile", "", "write CPU profiles of each async accept and end-to-end phase to PREFIX.<durability>.{accept,e2e}.pprof")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
+	for _, sec := range strings.Split(*sections, ",") {
+		switch strings.TrimSpace(sec) {
+		case "sync":
+			c.sync = true
+		case "async":
+			c.async = true
+		case "network":
+			c.network = true
+		default:
+			return c, fmt.Errorf("-sections: unknown section %q (want sync, async, network)", sec)
+		}
+	}
+	for _, d := range strings.Split(*durability, ",") {
+		v, err := async.ParseDurability(strings.TrimSpace(d))
+		if err != nil || d == "" {
+			return c, fmt.Errorf("-durability: %q is not always or interval", d)
+		}
+		c.durability = append(c.durability, v)
+	}
 	if c.cold < 1 || c.warm < 1 || c.warmup < 0 || c.idle < 1 || c.rounds < 1 || c.duration <= 0 {
 		return c, errors.New("-cold, -warm, -idle, -rounds and -duration must be positive")
+	}
+	if c.asyncClients < 1 || c.asyncEvents < 1 || c.e2eRate < 1 || c.e2eDuration < time.Second {
+		return c, errors.New("-async-clients, -async-events and -e2e-rate must be positive, -e2e-duration at least 1s")
 	}
 	return c, nil
 }
@@ -102,10 +145,6 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	if err != nil {
 		return err
 	}
-	rie, err := findRIE(cfg.rie, repo)
-	if err != nil {
-		return err
-	}
 	work, err := os.MkdirTemp("", "skiff-bench-fn-")
 	if err != nil {
 		return err
@@ -117,24 +156,23 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 		return err
 	}
 
-	// The peer first, so that a missing emulator fails the run early. It
-	// idles while skiff's cold starts run, and its warm invokes alternate
-	// with skiff's.
-	progress("emulator: starting " + filepath.Base(rie) + ", first invoke (starts the runtime)")
-	em, err := startRIE(ctx, rie, fn)
-	if err != nil {
-		return fmt.Errorf("emulator: %w", err)
+	if cfg.sync {
+		if err := benchSync(ctx, cfg, repo, fn, res, progress); err != nil {
+			return err
+		}
 	}
-	defer func() {
-		progress("emulator: stopping")
-		err = errors.Join(err, em.close())
-	}()
-	if res.rie.first, err = em.invoke(ctx); err != nil {
-		return fmt.Errorf("emulator: first invoke: %w", err)
+	if cfg.async {
+		if res.async, err = benchAsync(ctx, cfg, fn, progress); err != nil {
+			return err
+		}
 	}
-
-	if err := benchSkiff(ctx, cfg, fn, em, res, progress); err != nil {
-		return fmt.Errorf("skiff: %w", err)
+	if cfg.network {
+		progress("network: jail start none/egress, TCP throughput with and without eBPF")
+		nr, err := benchNetwork(ctx, 7)
+		if err != nil {
+			return err
+		}
+		res.network = &nr
 	}
 	res.took = time.Since(began)
 
@@ -150,12 +188,39 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	return nil
 }
 
+// benchSync runs the sync section: the emulator and skiff dev.
+func benchSync(ctx context.Context, cfg config, repo string, fn *function, res *results, progress func(string)) (err error) {
+	rie, err := findRIE(cfg.rie, repo)
+	if err != nil {
+		return err
+	}
+	// The peer first, so that a missing emulator fails the run early. It
+	// idles while skiff's cold starts run, and its warm invokes alternate
+	// with skiff's.
+	progress("emulator: starting " + filepath.Base(rie) + ", first invoke (starts the runtime)")
+	em, err := startRIE(ctx, rie, fn)
+	if err != nil {
+		return fmt.Errorf("emulator: %w", err)
+	}
+	defer func() {
+		progress("emulator: stopping")
+		err = errors.Join(err, em.close())
+	}()
+	if res.rie.first, err = em.invoke(ctx); err != nil {
+		return fmt.Errorf("emulator: first invoke: %w", err)
+	}
+	if err := benchSkiff(ctx, cfg, fn, em, res, progress); err != nil {
+		return fmt.Errorf("skiff: %w", err)
+	}
+	return nil
+}
+
 // benchSkiff starts skiff dev and runs its phases in an order that keeps
 // them apart: cold starts, warm latency, idle memory (whose sandboxes are
 // retired after), throughput.
 func benchSkiff(ctx context.Context, cfg config, fn *function, em *emulator, res *results, progress func(string)) (err error) {
 	progress("skiff: starting skiff dev")
-	s, err := startSkiff(ctx, cfg.acceptGzip)
+	s, err := startSkiff(ctx, cfg.acceptGzip, "")
 	if err != nil {
 		return err
 	}

@@ -39,16 +39,17 @@ type skiff struct {
 	fns     skiffv1connect.FunctionServiceClient
 	inv     skiffv1connect.InvokeServiceClient
 	invH2C  skiffv1connect.InvokeServiceClient
+	queues  skiffv1connect.QueueServiceClient
 	stop    context.CancelFunc
 	done    chan error
 	dataDir string
 }
 
 // startSkiff runs devserver.Run (what `skiff dev` runs) on a free loopback
-// port with a fresh data dir, and returns once it serves. With acceptGzip
-// false the Connect clients do not offer gzip, so the server sends
-// responses uncompressed.
-func startSkiff(ctx context.Context, acceptGzip bool) (_ *skiff, err error) {
+// port with a fresh data dir and the given async durability ("" is the
+// default), and returns once it serves. With acceptGzip false the Connect
+// clients do not offer gzip, so the server sends responses uncompressed.
+func startSkiff(ctx context.Context, acceptGzip bool, durability string) (_ *skiff, err error) {
 	dir, err := os.MkdirTemp("", "skiff-bench-")
 	if err != nil {
 		return nil, err
@@ -63,12 +64,13 @@ func startSkiff(ctx context.Context, acceptGzip bool) (_ *skiff, err error) {
 	ready := make(chan string, 1)
 	go func() {
 		s.done <- devserver.Run(rctx, devserver.Config{
-			DataDir:   dir,
-			Listen:    "127.0.0.1:0",
-			KeepAlive: 10 * time.Minute,
-			Logger:    slog.New(slog.DiscardHandler),
-			Stdout:    io.Discard,
-			Ready:     func(a string) { ready <- a },
+			DataDir:         dir,
+			Listen:          "127.0.0.1:0",
+			KeepAlive:       10 * time.Minute,
+			AsyncDurability: durability,
+			Logger:          slog.New(slog.DiscardHandler),
+			Stdout:          io.Discard,
+			Ready:           func(a string) { ready <- a },
 		})
 	}()
 	select {
@@ -101,6 +103,7 @@ func startSkiff(ctx context.Context, acceptGzip bool) (_ *skiff, err error) {
 	s.fns = skiffv1connect.NewFunctionServiceClient(s.httpc, base, opts...)
 	s.inv = skiffv1connect.NewInvokeServiceClient(s.httpc, base, opts...)
 	s.invH2C = skiffv1connect.NewInvokeServiceClient(s.h2c, base, opts...)
+	s.queues = skiffv1connect.NewQueueServiceClient(s.httpc, base, opts...)
 	return s, nil
 }
 
