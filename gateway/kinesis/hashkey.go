@@ -12,7 +12,6 @@ import (
 type hashKey struct{ hi, lo uint64 }
 
 var (
-	minHashKey = hashKey{}
 	maxHashKey = hashKey{^uint64(0), ^uint64(0)}
 	two128     = new(big.Int).Lsh(big.NewInt(1), 128)
 )
