@@ -2,8 +2,6 @@ package async
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"hash/fnv"
 	"strconv"
@@ -13,6 +11,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/internal/uuid"
 )
 
 // Accept stores an event for function under requestID and returns once
@@ -110,20 +109,4 @@ func (s *Service) Dedicated() map[string]bool {
 }
 
 // NewRequestID returns a random (version 4) UUID.
-func NewRequestID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	var s [36]byte
-	hex.Encode(s[0:8], b[0:4])
-	s[8] = '-'
-	hex.Encode(s[9:13], b[4:6])
-	s[13] = '-'
-	hex.Encode(s[14:18], b[6:8])
-	s[18] = '-'
-	hex.Encode(s[19:23], b[8:10])
-	s[23] = '-'
-	hex.Encode(s[24:], b[10:])
-	return string(s[:])
-}
+func NewRequestID() string { return uuid.New() }

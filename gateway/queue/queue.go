@@ -74,7 +74,6 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
-	"fmt"
 	"log/slog"
 	"strconv"
 	"strings"
@@ -85,6 +84,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/internal/uuid"
 )
 
 // Names of the buckets and the stream this package owns.
@@ -306,13 +306,7 @@ func failedPrecondition(reason, format string, args ...any) error {
 }
 
 // newID returns a random RFC 4122 version 4 UUID, SQS's message id form.
-func newID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
-}
+func newID() string { return uuid.New() }
 
 func newNonce() string {
 	var b [12]byte

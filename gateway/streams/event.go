@@ -2,12 +2,12 @@ package streams
 
 import (
 	"bytes"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"hash/fnv"
 	"strconv"
 	"time"
+
+	"skiff.dev/skiff/internal/uuid"
 )
 
 // laneOf is the lane of a partition key among p lanes.
@@ -225,14 +225,7 @@ const timestampFormat = "2006-01-02T15:04:05.000Z"
 
 func formatTime(t time.Time) string { return t.UTC().Format(timestampFormat) }
 
-func newRequestID() string {
-	var b [16]byte
-	_, _ = rand.Read(b[:])
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	h := hex.EncodeToString(b[:])
-	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
-}
+func newRequestID() string { return uuid.New() }
 
 // seqString is a fallback sequence number for records without one.
 func seqString(r Record) string {
