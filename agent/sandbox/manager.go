@@ -170,15 +170,12 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 	if inv.TraceID == "" {
 		inv.TraceID = traceID(start)
 	}
-	before, hasNet := m.netRead(sb)
 	o, err := sb.invoke(ctx, inv, timeout)
 	dur := m.cfg.Now().Sub(start)
 	var net *netUsage
-	if hasNet {
-		if after, ok := m.netRead(sb); ok {
-			u := usage(diff(after, before))
-			net = &u
-		}
+	if d, ok := m.netRead(sb); ok {
+		u := usage(d)
+		net = &u
 	}
 	if err != nil {
 		m.discard(sb)

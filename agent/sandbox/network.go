@@ -56,9 +56,12 @@ type netUsage struct {
 	out, in, drops uint64
 }
 
-// netRead reads the sandbox's counters, adds what is new since the last
-// read to the metrics and returns the counters (ok false without
-// network).
+// netRead reads the sandbox's counters once and returns what is new since
+// the last read (ok false without network), adding it to the metrics. One
+// read per invocation, after it: a sandbox serves one invocation at a time,
+// so the traffic since the previous read is this invocation's (plus any
+// the function made while idle between invocations, which Lambda's frozen
+// sandboxes cannot make).
 func (m *Manager) netRead(sb *Sandbox) (ebpf.Counters, bool) {
 	nc, ok := sb.proc.(NetCounter)
 	if !ok || !sb.network {
@@ -73,8 +76,9 @@ func (m *Manager) netRead(sb *Sandbox) (ebpf.Counters, bool) {
 	last := sb.netLast
 	sb.netLast = c
 	sb.mu.Unlock()
-	m.metrics.network(diff(c, last))
-	return c, true
+	d := diff(c, last)
+	m.metrics.network(d)
+	return d, true
 }
 
 // diff is what happened between two reads of a sandbox's counters.
