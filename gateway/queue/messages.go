@@ -20,6 +20,7 @@ import (
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/internal/uuid"
 )
 
 // Send stores one message; it is durable when Send returns.
@@ -107,10 +108,7 @@ func (m *Manager) originalID(ctx context.Context, seq uint64) string {
 	}
 	// Already deleted: an id derived from its sequence, stable across retries.
 	h := sha256.Sum256([]byte(strconv.FormatUint(seq, 10)))
-	b := h[:16]
-	b[6] = b[6]&0x0f | 0x40
-	b[8] = b[8]&0x3f | 0x80
-	return fmt.Sprintf("%x-%x-%x-%x-%x", b[0:4], b[4:6], b[6:8], b[8:10], b[10:16])
+	return uuid.Format([16]byte(h[:16]))
 }
 
 // SendBatch stores 1-10 messages (256 KB in total) with a result per entry.
