@@ -29,7 +29,8 @@ type Keeper struct {
 	match        func(string) bool
 	gained, lost func(Lease)
 
-	tickMu sync.Mutex // serialises Tick (and so the callbacks)
+	tickMu    sync.Mutex // serialises Tick (and so the callbacks)
+	reclaimed bool       // the first tick reclaimed a previous incarnation's slots; guarded by tickMu
 
 	mu   sync.Mutex
 	held map[string]Lease // by Key(); guarded by mu
@@ -38,7 +39,10 @@ type Keeper struct {
 // NewKeeper returns a Keeper for holder that holds at most max slots of
 // the resources match accepts (nil accepts all). gained and lost may be
 // nil. The holder name must be unique among live holders (for example the
-// gateway id and a purpose: "gw-1/async").
+// gateway id and a purpose: "gw-1/async"); kept stable across restarts of
+// one process, it lets the first tick reclaim at once the slots the
+// previous incarnation held when it died (Service.Reclaim) instead of
+// waiting for them to expire.
 func (s *Service) NewKeeper(holder string, max int, match func(string) bool, gained, lost func(Lease)) *Keeper {
 	if match == nil {
 		match = func(string) bool { return true }
@@ -141,6 +145,15 @@ func (k *Keeper) Tick(ctx context.Context) error {
 		}
 	}
 
+	if !k.reclaimed {
+		got, err := k.s.Reclaim(ctx, k.holder, k.max-len(k.Held()), k.match)
+		if err != nil {
+			return err
+		}
+		k.reclaimed = true
+		k.add(got)
+	}
+
 	k.mu.Lock()
 	n := k.max - len(k.held)
 	mine := make(map[string]bool, len(k.held))
@@ -155,6 +168,12 @@ func (k *Keeper) Tick(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	k.add(got)
+	return nil
+}
+
+// add records and reports leases gained.
+func (k *Keeper) add(got []Lease) {
 	for _, l := range got {
 		k.mu.Lock()
 		k.held[l.Key()] = l
@@ -163,7 +182,6 @@ func (k *Keeper) Tick(ctx context.Context) error {
 		k.s.log.Info("lease gained", "lease", l.String(), "expires", l.Expires)
 		k.gained(l)
 	}
-	return nil
 }
 
 // ReleaseAll releases every held lease and reports each lost.

@@ -334,3 +334,81 @@ func TestKeeperRun(t *testing.T) {
 		t.Fatalf("next epoch %d, want above %d", next.Epoch, gained.Epoch)
 	}
 }
+
+// TestKeeperReclaimsPreviousIncarnation: a holder dies holding slots and
+// restarts under the same name; its new keeper's first tick takes every
+// slot back at once (no waiting for the expiry), each with a new epoch
+// that fences the dead incarnation, while other holders' slots and slots
+// the match rejects stay as they are.
+func TestKeeperReclaimsPreviousIncarnation(t *testing.T) {
+	e := newEnv(t)
+	reg := prometheus.NewRegistry()
+	s := newService(t, e.js, e.clk, reg)
+	for _, r := range []string{"async:a", "async:b", "async:c", "other:x"} {
+		mustSetDesired(t, s, r, 1)
+	}
+	rOld, rOther := newRecorder(), newRecorder()
+	old := rOld.keeper(s, "gw-1", 10, func(r string) bool { return r != "async:c" })
+	other := rOther.keeper(s, "gw-2", 1, func(r string) bool { return r == "async:c" })
+	mustTick(t, old)
+	mustTick(t, other)
+	gainedOld, _ := rOld.take()
+	if len(gainedOld) != 3 {
+		t.Fatalf("first incarnation gained %v, want async:a, async:b and other:x", views(gainedOld))
+	}
+	rOther.take()
+
+	// The process dies without releasing; a moment later it restarts
+	// under the same holder name, this time polling only async:*.
+	e.clk.Advance(s.Interval() / 2)
+	rNew := newRecorder()
+	restarted := rNew.keeper(s, "gw-1", 10, func(r string) bool { return r != "async:c" && r != "other:x" })
+	mustTick(t, restarted)
+	gained, lost := rNew.take()
+	if len(lost) != 0 {
+		t.Fatalf("restarted keeper lost %v", views(lost))
+	}
+	byKey := map[string]Lease{}
+	for _, l := range gainedOld {
+		byKey[l.Key()] = l
+	}
+	var got []string
+	for _, l := range gained {
+		got = append(got, l.Resource)
+		prev := byKey[l.Key()]
+		if l.Holder != "gw-1" || l.Epoch != prev.Epoch+1 {
+			t.Errorf("reclaimed %v, want holder gw-1 with epoch %d", l, prev.Epoch+1)
+		}
+		wantLost(t, "the dead incarnation's Check of "+l.Resource, s.Check(testCtx(t), prev))
+		if err := s.Check(testCtx(t), l); err != nil {
+			t.Errorf("Check of the reclaimed %v: %v", l, err)
+		}
+	}
+	if diff := cmp.Diff([]string{"async:a", "async:b"}, got); diff != "" {
+		t.Fatalf("reclaimed at once (-want +got):\n%s", diff)
+	}
+	// other:x is not reclaimed (the match rejects it) and still belongs to
+	// the dead incarnation until it expires; async:c stays gw-2's.
+	leases, err := s.List(testCtx(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range leases {
+		switch l.Resource {
+		case "other:x":
+			if l.Holder != "gw-1" || l.Epoch != byKey[l.Key()].Epoch {
+				t.Errorf("other:x changed to %v", l)
+			}
+		case "async:c":
+			if l.Holder != "gw-2" {
+				t.Errorf("async:c changed to %v", l)
+			}
+		}
+	}
+	// Later ticks do not reclaim again: the slots are simply held.
+	e.clk.Advance(s.Interval())
+	mustTick(t, restarted)
+	if g, l := rNew.take(); len(g)+len(l) != 0 {
+		t.Fatalf("second tick: gained %v lost %v, want nothing", views(g), views(l))
+	}
+}

@@ -397,6 +397,66 @@ func (s *Service) acquireOne(ctx context.Context, sn *snapshot, r string, slots 
 	return Lease{}, false, nil
 }
 
+// Reclaim takes back, each with a new epoch, up to max live slots recorded
+// under holder whose resource match accepts: slots a previous incarnation
+// of this holder held when it died. Holder names are unique among live
+// processes and stable across a process's restarts (for `skiff dev`, the
+// host and data dir, guarded by a lock on the data dir), so such slots
+// have no live holder and waiting for their expiry would only delay the
+// takeover. A fresh Keeper calls it once, before its first acquisition.
+// The new epoch fences anything the dead incarnation might still have in
+// flight.
+func (s *Service) Reclaim(ctx context.Context, holder string, max int, match func(resource string) bool) ([]Lease, error) {
+	if holder == "" {
+		return nil, errs.Invalid("holder", "lease holder is empty")
+	}
+	if max < 1 {
+		return nil, nil
+	}
+	if match == nil {
+		match = func(string) bool { return true }
+	}
+	sn, err := s.snapshot(ctx, prefixSlot+">")
+	if err != nil {
+		return nil, err
+	}
+	now := s.cfg.Now()
+	keys := make([]string, 0)
+	for k, e := range sn.slots {
+		if !e.deleted && e.lease.Holder == holder && !e.lease.Free(now) && match(e.lease.Resource) {
+			keys = append(keys, k)
+		}
+	}
+	slices.Sort(keys)
+	var out []Lease
+	for _, k := range keys {
+		if len(out) == max {
+			break
+		}
+		e := sn.slots[k]
+		l := e.lease
+		l.Epoch++
+		l.Expires = now.Add(s.cfg.Expiry)
+		rev, err := s.kv.Update(ctx, k, encodeSlot(l), e.revision)
+		if errors.Is(err, jetstream.ErrKeyRevisionMismatch) {
+			continue // changed since the snapshot: not ours to reclaim
+		}
+		if err != nil {
+			if len(out) == 0 {
+				return nil, wrapErr(err, "reclaiming %s", k)
+			}
+			s.log.Warn("reclaiming leases stopped early", "holder", holder, "reclaimed", len(out), "err", err)
+			break
+		}
+		l.Revision = rev
+		s.m.acquired.Inc()
+		s.m.takeovers.Inc()
+		s.log.Info("lease reclaimed from a previous incarnation", "lease", l.String(), "previous_epoch", l.Epoch-1)
+		out = append(out, l)
+	}
+	return out, nil
+}
+
 // Heartbeat extends l by the expiry from now and returns the stored lease.
 // It fails with reason ReasonLost (KindFailedPrecondition) if l's holder
 // and epoch no longer hold the slot, or l expired: an expired lease is
