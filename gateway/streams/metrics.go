@@ -46,7 +46,7 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "skiff_streams_bisections_total", Help: "Failing stream batches split in halves.",
 		}),
 		takeovers: prometheus.NewCounter(prometheus.CounterOpts{
-			Name: "skiff_streams_lease_takeovers_total", Help: "Stream lanes this gateway took over from another holder's checkpoint.",
+			Name: "skiff_streams_lease_takeovers_total", Help: "Stream lanes this gateway took over from the checkpoint of another holder or of a dead incarnation of itself.",
 		}),
 		fenced: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "skiff_streams_fenced_total", Help: "Stream pollers stopped because their checkpoint write was fenced (lease lost).",

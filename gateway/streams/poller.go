@@ -128,7 +128,9 @@ func (p *poller) claim(m *skiffv1.EventSourceMapping) error {
 			return err
 		}
 		cp = Checkpoint{Seq: after}
-	} else if cp.Holder != "" && cp.Holder != p.lease.Holder {
+	} else if cp.Holder != "" && (cp.Holder != p.lease.Holder || cp.Epoch < p.lease.Epoch) {
+		// Another holder, or a dead incarnation of this one (same holder
+		// name, reclaimed with a new epoch), left this checkpoint.
 		p.s.met.takeovers.Inc()
 		p.s.log.Info("stream lane taken over", "uuid", p.lane.uuid, "shard", p.lane.shard, "lane", p.lane.n, "previous_holder", cp.Holder, "previous_epoch", cp.Epoch, "epoch", p.lease.Epoch, "sequence", cp.Seq)
 	}
