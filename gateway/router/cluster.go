@@ -1,0 +1,241 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"sync"
+
+	"connectrpc.com/connect"
+	"github.com/prometheus/client_golang/prometheus"
+
+	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/gateway/placement"
+	"skiff.dev/skiff/gossip"
+	"skiff.dev/skiff/internal/errs"
+)
+
+// Members is the gossiped view the cluster router places work on; a
+// *gossip.Node implements it.
+type Members interface {
+	Members() []gossip.Member
+	// MarkSuspect marks a member this gateway could not reach; placement
+	// avoids it until its next metadata update.
+	MarkSuspect(name string) bool
+}
+
+// ClusterConfig configures a Cluster.
+type ClusterConfig struct {
+	Members Members
+	// Dial returns the AgentService client of the agent at rpcAddr (its
+	// gossiped RPC address). The Cluster keeps one client per address.
+	Dial func(rpcAddr string) Agent
+	// Attempts bounds the hosts one invocation tries when agents refuse
+	// it (draining, full, unreachable); default 3.
+	Attempts int
+	Logger   *slog.Logger
+	Registry prometheus.Registerer
+}
+
+// Cluster is the worker manager of a gateway in a cluster: it places each
+// invocation on an agent with gateway/placement over the gossiped view and
+// calls it over the network.
+type Cluster struct {
+	cfg ClusterConfig
+	log *slog.Logger
+	m   *clusterMetrics
+
+	mu      sync.Mutex
+	clients map[string]Agent // by RPC address; guarded by mu
+	rng     *rand.Rand       // guarded by mu
+}
+
+// NewCluster returns a cluster router.
+func NewCluster(cfg ClusterConfig) (*Cluster, error) {
+	if cfg.Members == nil || cfg.Dial == nil {
+		return nil, errors.New("router: a cluster router needs members and a dialer")
+	}
+	if cfg.Attempts <= 0 {
+		cfg.Attempts = 3
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	m, err := newClusterMetrics(cfg.Registry)
+	if err != nil {
+		return nil, err
+	}
+	return &Cluster{
+		cfg: cfg, log: cfg.Logger, m: m,
+		clients: map[string]Agent{},
+		rng:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+	}, nil
+}
+
+// agents returns the live agents, as placement hosts and by name.
+func (c *Cluster) agents() ([]placement.Host, map[string]gossip.Member) {
+	ms := c.cfg.Members.Members()
+	hosts := make([]placement.Host, 0, len(ms))
+	byName := make(map[string]gossip.Member, len(ms))
+	for _, m := range ms {
+		if m.Tags.Role != gossip.RoleAgent || m.Tags.RPCAddr == "" {
+			continue
+		}
+		if m.State != gossip.StateAlive && m.State != gossip.StateSuspect {
+			continue
+		}
+		h := placement.Host{Name: m.Name, Zone: m.Tags.Zone, Draining: m.Draining, Suspect: m.State == gossip.StateSuspect}
+		if m.Capacity != nil {
+			h.FreeMemoryMB = m.Capacity.MemoryFreeMB
+			h.Load = m.Capacity.Load
+			h.Contents = m.Capacity
+		}
+		hosts = append(hosts, h)
+		byName[m.Name] = m
+	}
+	return hosts, byName
+}
+
+func (c *Cluster) client(addr string) Agent {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a, ok := c.clients[addr]
+	if !ok {
+		a = c.cfg.Dial(addr)
+		c.clients[addr] = a
+	}
+	return a
+}
+
+// lockedRand is placement's randomness, safe for concurrent placements.
+type lockedRand struct{ c *Cluster }
+
+func (r lockedRand) IntN(n int) int {
+	r.c.mu.Lock()
+	defer r.c.mu.Unlock()
+	return r.c.rng.IntN(n)
+}
+
+// Invoke places req on an agent and runs it there. A host that refuses
+// (draining, full) or cannot be reached is excluded and the invocation
+// placed again, up to Attempts hosts; a host lost while the invocation
+// ran on it fails the invocation with Unavailable naming the host (the
+// function may have run: only the caller can decide to retry).
+func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (*skiffv1.AgentInvokeResponse, error) {
+	spec := req.GetSpec()
+	preq := placement.Request{
+		Function: spec.GetConfigKey(),
+		Digest:   spec.GetCodeSha256(),
+		MemoryMB: int64(spec.GetMemoryMb()),
+		Exclude:  map[string]bool{},
+		SkipWarm: map[string]bool{},
+	}
+	var last error
+	for attempt := 0; attempt < c.cfg.Attempts; attempt++ {
+		hosts, byName := c.agents()
+		if len(hosts) == 0 {
+			return nil, errs.Unavailable("no agent is alive in the cluster").WithReason("no_agents")
+		}
+		d, err := placement.Choose(preq, hosts, lockedRand{c})
+		if err != nil {
+			if last != nil {
+				return nil, fmt.Errorf("%w (after: %w)", err, last)
+			}
+			return nil, err
+		}
+		c.m.placements.WithLabelValues(d.Rule).Inc()
+		host := byName[d.Host]
+		resp, err := c.client(host.Tags.RPCAddr).Invoke(ctx, connect.NewRequest(req))
+		if err == nil {
+			return resp.Msg, nil
+		}
+		if ctx.Err() != nil {
+			return nil, errs.FromConnect(err)
+		}
+		var e *errs.Error
+		conv := errs.FromConnect(err)
+		errors.As(conv, &e)
+		switch {
+		case e != nil && (e.Reason == "draining" || e.Reason == "host_full"):
+			c.m.refusals.WithLabelValues(e.Reason).Inc()
+			c.log.Debug("agent refused a placement", "host", d.Host, "reason", e.Reason)
+			preq.Exclude[d.Host] = true
+			last = conv
+		case notSent(err):
+			c.m.refusals.WithLabelValues("unreachable").Inc()
+			c.cfg.Members.MarkSuspect(d.Host)
+			c.log.Warn("agent unreachable; placing elsewhere", "host", d.Host, "addr", host.Tags.RPCAddr, "err", err)
+			preq.Exclude[d.Host] = true
+			last = errs.Unavailable("agent %s (%s) unreachable: %v", d.Host, host.Tags.RPCAddr, err).WithReason("agent_unreachable")
+		case connect.CodeOf(err) == connect.CodeUnavailable && e != nil && e.Reason == "":
+			// The transport broke while the agent ran the invocation.
+			c.m.refusals.WithLabelValues("lost").Inc()
+			c.cfg.Members.MarkSuspect(d.Host)
+			return nil, errs.Unavailable("agent %s was lost during the invocation: %v", d.Host, err).WithReason("agent_lost")
+		default:
+			return nil, conv
+		}
+	}
+	return nil, last
+}
+
+// notSent reports whether err means the request never reached the agent
+// (the connection could not be made), so placing it elsewhere cannot run
+// the function twice.
+func notSent(err error) bool {
+	var op *net.OpError
+	return errors.As(err, &op) && op.Op == "dial"
+}
+
+// Retire asks every live agent to stop the function's sandboxes whose
+// configuration is not keep. Unreachable agents are skipped: an agent that
+// comes back has lost its sandboxes or retires them on its next Retire.
+func (c *Cluster) Retire(ctx context.Context, function, keep string) error {
+	_, byName := c.agents()
+	var (
+		wg  sync.WaitGroup
+		mu  sync.Mutex
+		all []error
+	)
+	for name, m := range byName {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := c.client(m.Tags.RPCAddr).Retire(ctx, connect.NewRequest(&skiffv1.RetireRequest{FunctionName: function, KeepConfigKey: keep}))
+			if err != nil && !notSent(err) {
+				mu.Lock()
+				all = append(all, fmt.Errorf("agent %s: %w", name, errs.FromConnect(err)))
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(all...)
+}
+
+type clusterMetrics struct {
+	placements *prometheus.CounterVec
+	refusals   *prometheus.CounterVec
+}
+
+func newClusterMetrics(reg prometheus.Registerer) (*clusterMetrics, error) {
+	m := &clusterMetrics{
+		placements: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skiff_router_placements_total", Help: "Placement decisions by the rule that decided (warm, spread, code, two-choices).",
+		}, []string{"rule"}),
+		refusals: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "skiff_router_agent_refusals_total", Help: "Invocations an agent refused or lost, by reason (draining, host_full, unreachable, lost).",
+		}, []string{"reason"}),
+	}
+	if reg != nil {
+		for _, c := range []prometheus.Collector{m.placements, m.refusals} {
+			if err := reg.Register(c); err != nil {
+				return nil, err
+			}
+		}
+	}
+	return m, nil
+}

@@ -1,0 +1,210 @@
+package router
+
+import (
+	"context"
+	"errors"
+	"net"
+	"strings"
+	"sync"
+	"testing"
+
+	"connectrpc.com/connect"
+
+	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/gossip"
+	"skiff.dev/skiff/internal/errs"
+)
+
+// fakeMembers is a gossip view for the router's logic tests.
+type fakeMembers struct {
+	mu      sync.Mutex
+	members []gossip.Member
+	suspect []string
+}
+
+func (f *fakeMembers) Members() []gossip.Member {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]gossip.Member(nil), f.members...)
+}
+
+func (f *fakeMembers) MarkSuspect(name string) bool {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.suspect = append(f.suspect, name)
+	for i := range f.members {
+		if f.members[i].Name == name {
+			f.members[i].State = gossip.StateSuspect
+		}
+	}
+	return true
+}
+
+// hostAgent answers Invoke with a fixed error or a response naming itself.
+type hostAgent struct {
+	name    string
+	err     error
+	mu      sync.Mutex
+	invokes int
+	retires int
+}
+
+func (a *hostAgent) Invoke(context.Context, *connect.Request[skiffv1.AgentInvokeRequest]) (*connect.Response[skiffv1.AgentInvokeResponse], error) {
+	a.mu.Lock()
+	a.invokes++
+	a.mu.Unlock()
+	if a.err != nil {
+		return nil, a.err
+	}
+	return connect.NewResponse(&skiffv1.AgentInvokeResponse{Payload: []byte(a.name)}), nil
+}
+
+func (a *hostAgent) Retire(context.Context, *connect.Request[skiffv1.RetireRequest]) (*connect.Response[skiffv1.RetireResponse], error) {
+	a.mu.Lock()
+	a.retires++
+	a.mu.Unlock()
+	return connect.NewResponse(&skiffv1.RetireResponse{}), a.err
+}
+
+func agentMember(t *testing.T, name string, freeMB int64, warm map[string]int) gossip.Member {
+	t.Helper()
+	s, err := gossip.Summarize(gossip.Capacity{MemoryTotalMB: 4096, MemoryFreeMB: freeMB, WarmIdle: warm}, 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return gossip.Member{Name: name, State: gossip.StateAlive, Capacity: s,
+		Tags: gossip.Tags{Role: gossip.RoleAgent, RPCAddr: name + ":7071"}}
+}
+
+func newTestCluster(t *testing.T, members *fakeMembers, agents map[string]*hostAgent) *Cluster {
+	t.Helper()
+	c, err := NewCluster(ClusterConfig{Members: members, Dial: func(addr string) Agent {
+		a, ok := agents[strings.TrimSuffix(addr, ":7071")]
+		if !ok {
+			t.Fatalf("dialled unknown address %s", addr)
+		}
+		return a
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func invokeReq(key string) *skiffv1.AgentInvokeRequest {
+	return &skiffv1.AgentInvokeRequest{Spec: &skiffv1.SandboxSpec{FunctionName: "f", ConfigKey: key, MemoryMb: 128}}
+}
+
+// TestClusterWarmFirst: the host holding a warm sandbox of the version
+// gets the invocation; gateways and members without an RPC address are
+// never chosen.
+func TestClusterWarmFirst(t *testing.T) {
+	members := &fakeMembers{members: []gossip.Member{
+		agentMember(t, "a", 2048, nil),
+		agentMember(t, "b", 2048, map[string]int{"k1": 2}),
+		agentMember(t, "c", 2048, nil),
+		{Name: "gw", State: gossip.StateAlive, Tags: gossip.Tags{Role: gossip.RoleGateway, RPCAddr: "gw:7071"}},
+	}}
+	agents := map[string]*hostAgent{"a": {name: "a"}, "b": {name: "b"}, "c": {name: "c"}}
+	c := newTestCluster(t, members, agents)
+	for range 10 {
+		resp, err := c.Invoke(context.Background(), invokeReq("k1"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(resp.Payload) != "b" {
+			t.Fatalf("warm invoke ran on %s, want b (the host with the warm sandbox)", resp.Payload)
+		}
+	}
+}
+
+// TestClusterRefusalsPlaceElsewhere: a draining or full agent refuses and
+// the invocation runs on another host; an unreachable agent is marked
+// suspect and skipped.
+func TestClusterRefusalsPlaceElsewhere(t *testing.T) {
+	dialErr := connect.NewError(connect.CodeUnavailable, &net.OpError{Op: "dial", Net: "tcp", Err: errors.New("connection refused")})
+	for _, tc := range []struct {
+		name    string
+		err     error
+		suspect bool
+	}{
+		{"draining", errs.ToConnect(errs.Unavailable("agent a is draining").WithReason("draining")), false},
+		{"full", errs.ToConnect(errs.New(errs.KindResourceExhausted, "host full").WithReason("host_full")), false},
+		{"unreachable", dialErr, true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			members := &fakeMembers{members: []gossip.Member{
+				agentMember(t, "a", 2048, map[string]int{"k1": 1}), // placement's first choice
+				agentMember(t, "b", 1024, nil),
+			}}
+			agents := map[string]*hostAgent{"a": {name: "a", err: tc.err}, "b": {name: "b"}}
+			c := newTestCluster(t, members, agents)
+			resp, err := c.Invoke(context.Background(), invokeReq("k1"))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if string(resp.Payload) != "b" || agents["a"].invokes != 1 {
+				t.Fatalf("ran on %s after a's refusal (a tried %d times), want b after one try of a", resp.Payload, agents["a"].invokes)
+			}
+			if got := len(members.suspect) > 0; got != tc.suspect {
+				t.Fatalf("suspects %v, want suspect marked: %v", members.suspect, tc.suspect)
+			}
+		})
+	}
+}
+
+// TestClusterLostMidInvoke: the transport breaking while the agent runs
+// the invocation fails it with Unavailable naming the host (it may have
+// run: no blind retry), and the host becomes suspect.
+func TestClusterLostMidInvoke(t *testing.T) {
+	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, nil)}}
+	agents := map[string]*hostAgent{"a": {name: "a", err: connect.NewError(connect.CodeUnavailable, errors.New("unexpected EOF"))}}
+	c := newTestCluster(t, members, agents)
+	_, err := c.Invoke(context.Background(), invokeReq("k1"))
+	var e *errs.Error
+	if !errors.As(err, &e) || e.Kind != errs.KindUnavailable || e.Reason != "agent_lost" || !strings.Contains(err.Error(), "agent a") {
+		t.Fatalf("err = %v, want Unavailable agent_lost naming agent a", err)
+	}
+	if agents["a"].invokes != 1 || len(members.suspect) != 1 {
+		t.Fatalf("a invoked %d times, suspects %v; want once and a suspect", agents["a"].invokes, members.suspect)
+	}
+}
+
+// TestClusterNoAgents: an empty cluster is Unavailable, every refusal is
+// the last refusal's error, and a function error from an agent is passed
+// through unchanged.
+func TestClusterNoAgents(t *testing.T) {
+	c := newTestCluster(t, &fakeMembers{}, nil)
+	if _, err := c.Invoke(context.Background(), invokeReq("k")); !errs.Is(err, errs.KindUnavailable) {
+		t.Fatalf("no agents: %v, want Unavailable", err)
+	}
+	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, nil), agentMember(t, "b", 2048, nil)}}
+	draining := errs.ToConnect(errs.Unavailable("draining").WithReason("draining"))
+	agents := map[string]*hostAgent{"a": {name: "a", err: draining}, "b": {name: "b", err: draining}}
+	c = newTestCluster(t, members, agents)
+	if _, err := c.Invoke(context.Background(), invokeReq("k")); err == nil || agents["a"].invokes != 1 || agents["b"].invokes != 1 {
+		t.Fatalf("all draining: err %v, tries a=%d b=%d; want an error after one try each", err, agents["a"].invokes, agents["b"].invokes)
+	}
+	agents = map[string]*hostAgent{"a": {name: "a", err: errs.ToConnect(errs.Invalid("payload", "bad"))}, "b": {name: "b"}}
+	members = &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, nil)}}
+	c = newTestCluster(t, members, agents)
+	if _, err := c.Invoke(context.Background(), invokeReq("k")); !errs.IsInvalid(err) {
+		t.Fatalf("agent's invalid argument came back as %v", err)
+	}
+}
+
+// TestClusterRetireBroadcast: Retire reaches every live agent.
+func TestClusterRetireBroadcast(t *testing.T) {
+	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 1, nil), agentMember(t, "b", 1, nil)}}
+	dead := agentMember(t, "c", 1, nil)
+	dead.State = gossip.StateDead
+	members.members = append(members.members, dead)
+	agents := map[string]*hostAgent{"a": {name: "a"}, "b": {name: "b"}, "c": {name: "c"}}
+	c := newTestCluster(t, members, agents)
+	if err := c.Retire(context.Background(), "f", "k"); err != nil {
+		t.Fatal(err)
+	}
+	if agents["a"].retires != 1 || agents["b"].retires != 1 || agents["c"].retires != 0 {
+		t.Fatalf("retires a=%d b=%d c(dead)=%d, want 1 1 0", agents["a"].retires, agents["b"].retires, agents["c"].retires)
+	}
+}
