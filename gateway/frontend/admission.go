@@ -14,11 +14,14 @@ import (
 // admission is the concurrency check of Lambda's front end. A function with
 // reserved concurrency R runs at most R invocations at once (R == 0: none);
 // the other functions share the unreserved pool, AccountConcurrency minus
-// the sum of all reservations. Counters are in memory (one gateway) and
-// atomic: admit and release take no lock on the hot path.
+// the sum of all reservations. Counters are in memory and atomic: admit
+// and release take no lock on the hot path. With several gateways, a
+// Budget keeps the limits exact cluster-wide: each admission also takes a
+// slot of this gateway's leased share (gateway/budget).
 type admission struct {
 	account     int64
 	sumReserved func(context.Context) (int64, error)
+	budget      Budget // nil: this gateway is the only one
 
 	unreserved atomic.Int64 // in-flight invocations admitted from the unreserved pool
 	limit      atomic.Int64 // size of the unreserved pool; valid when fresh
@@ -27,14 +30,31 @@ type admission struct {
 	refreshMu sync.Mutex // one store read at a time when the pool size is stale
 }
 
-func newAdmission(account int, sumReserved func(context.Context) (int64, error)) *admission {
-	return &admission{account: int64(account), sumReserved: sumReserved}
+func newAdmission(account int, sumReserved func(context.Context) (int64, error), budget Budget) *admission {
+	return &admission{account: int64(account), sumReserved: sumReserved, budget: budget}
 }
+
+// Budget is the cluster-wide half of admission (gateway/budget): a slot
+// of a limit shared by every gateway.
+type Budget interface {
+	// Acquire takes a slot of scope, whose limit is limit; false means
+	// the cluster is at the limit.
+	Acquire(ctx context.Context, scope string, limit int64) (bool, error)
+	// Release gives back a slot Acquire took.
+	Release(scope string)
+}
+
+// Budget scopes: the unreserved pool, and one per function with reserved
+// concurrency.
+const budgetUnreserved = "unreserved"
+
+func budgetFunction(name string) string { return "fn/" + name }
 
 // ticket is an admitted invocation; release it exactly once.
 type ticket struct {
 	st         *fnState
 	unreserved bool
+	scope      string // the budget scope taken, if any
 }
 
 // admit takes a slot for one invocation of the function whose state is st
@@ -46,7 +66,19 @@ func (a *admission) admit(ctx context.Context, name string, st *fnState, reserve
 			st.inflight.Add(-1)
 			return ticket{}, errs.Throttled(retryHint(), "rate exceeded: function %s is at its reserved concurrency of %d", name, r)
 		}
-		return ticket{st: st}, nil
+		t := ticket{st: st}
+		if a.budget != nil {
+			scope := budgetFunction(name)
+			if ok, err := a.budget.Acquire(ctx, scope, r); !ok || err != nil {
+				st.inflight.Add(-1)
+				if err != nil {
+					return ticket{}, err
+				}
+				return ticket{}, errs.Throttled(retryHint(), "rate exceeded: function %s is at its reserved concurrency of %d across the gateways", name, r)
+			}
+			t.scope = scope
+		}
+		return t, nil
 	}
 	limit, err := a.poolSize(ctx)
 	if err != nil {
@@ -56,8 +88,19 @@ func (a *admission) admit(ctx context.Context, name string, st *fnState, reserve
 		a.unreserved.Add(-1)
 		return ticket{}, errs.Throttled(retryHint(), "rate exceeded: the account's unreserved concurrency of %d is in use", limit)
 	}
+	t := ticket{st: st, unreserved: true}
+	if a.budget != nil {
+		if ok, err := a.budget.Acquire(ctx, budgetUnreserved, limit); !ok || err != nil {
+			a.unreserved.Add(-1)
+			if err != nil {
+				return ticket{}, err
+			}
+			return ticket{}, errs.Throttled(retryHint(), "rate exceeded: the account's unreserved concurrency of %d is in use across the gateways", limit)
+		}
+		t.scope = budgetUnreserved
+	}
 	st.inflight.Add(1)
-	return ticket{st: st, unreserved: true}, nil
+	return t, nil
 }
 
 // release returns the slot of an admitted invocation.
@@ -65,6 +108,9 @@ func (a *admission) release(t ticket) {
 	t.st.inflight.Add(-1)
 	if t.unreserved {
 		a.unreserved.Add(-1)
+	}
+	if t.scope != "" {
+		a.budget.Release(t.scope)
 	}
 }
 

@@ -153,11 +153,22 @@ func authorize(p *principal, procedure string, msg any) error {
 	return errs.New(errs.KindPermissionDenied, "API key %s may only invoke functions, not call %s", p.key.ID, procedure)
 }
 
-// authInterceptor authenticates every RPC and authorizes it for the key.
+// keyless reports whether a procedure is served without an API key: only
+// ClusterService.Join, whose join token is its credential (a node that
+// joins has no key), checked by its handler (gateway/cluster).
+func keyless(procedure string) bool {
+	return procedure == skiffv1connect.ClusterServiceJoinProcedure
+}
+
+// authInterceptor authenticates every RPC but the keyless ones and
+// authorizes it for the key.
 type authInterceptor struct{ f *Frontend }
 
 func (a *authInterceptor) WrapUnary(next connect.UnaryFunc) connect.UnaryFunc {
 	return func(ctx context.Context, req connect.AnyRequest) (connect.AnyResponse, error) {
+		if keyless(req.Spec().Procedure) {
+			return next(ctx, req)
+		}
 		p, err := a.f.authenticate(ctx, req.Header().Get("Authorization"))
 		if err != nil {
 			return nil, err

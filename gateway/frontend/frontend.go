@@ -89,6 +89,9 @@ type Config struct {
 	// AccountConcurrency is the account's concurrent execution limit
 	// (default 1000).
 	AccountConcurrency int
+	// Budget, with several gateways, keeps the concurrency limits exact
+	// across them (gateway/budget); nil means this gateway admits alone.
+	Budget Budget
 	// UnreservedMin is the floor of the unreserved pool: reserved
 	// concurrency can never push it below this (default 100).
 	UnreservedMin int
@@ -115,6 +118,10 @@ type Config struct {
 	Queues       skiffv1connect.QueueServiceHandler
 	EventSources skiffv1connect.EventSourceServiceHandler
 	Streams      skiffv1connect.StreamServiceHandler
+	// Cluster serves ClusterService (gateway/cluster): admin keys only,
+	// except Join, which needs no API key (its join token is the
+	// credential, checked by the handler). nil leaves it unmounted.
+	Cluster skiffv1connect.ClusterServiceHandler
 	// LogQueue is the capacity of the log shipping queue (default 4096).
 	LogQueue int
 	// Registry receives the metrics (a private one when nil).
@@ -134,6 +141,9 @@ const (
 	MaxRequestBytes = 70 << 20
 	// controlReadMax is the read limit of KeyService and LogService.
 	controlReadMax = 1 << 20
+	// clusterReadMax is the read limit of ClusterService, whose Join is
+	// open without a key: a CSR, a token and a name.
+	clusterReadMax = 64 << 10
 	// keyCacheTTL bounds how long a resolved API key is trusted without
 	// asking the store again (revocations on this gateway apply at once).
 	keyCacheTTL = 5 * time.Second
@@ -226,7 +236,7 @@ func New(cfg Config, st Store, rt Router) (*Frontend, error) {
 		met:  met,
 		keys: newKeyCache(cfg.Now),
 	}
-	f.adm = newAdmission(cfg.AccountConcurrency, st.SumReserved)
+	f.adm = newAdmission(cfg.AccountConcurrency, st.SumReserved, cfg.Budget)
 	f.ship = newShipper(st, cfg.LogQueue, cfg.Logger, met.logsDropped)
 	return f, nil
 }
@@ -270,6 +280,10 @@ func (f *Frontend) Mount(mux *http.ServeMux) {
 		// PutRecords carries up to 5 MiB of records.
 		mux.Handle(skiffv1connect.NewStreamServiceHandler(f.cfg.Streams, icpt, connect.WithReadMaxBytes(8<<20)))
 		services = append(services, skiffv1connect.StreamServiceName)
+	}
+	if f.cfg.Cluster != nil {
+		mux.Handle(skiffv1connect.NewClusterServiceHandler(f.cfg.Cluster, icpt, connect.WithReadMaxBytes(clusterReadMax)))
+		services = append(services, skiffv1connect.ClusterServiceName)
 	}
 	if f.cfg.EventSources != nil {
 		mux.Handle(skiffv1connect.NewEventSourceServiceHandler(f.cfg.EventSources, icpt, connect.WithReadMaxBytes(controlReadMax)))
