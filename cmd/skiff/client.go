@@ -50,6 +50,7 @@ type clients struct {
 	queues  skiffv1connect.QueueServiceClient
 	esm     skiffv1connect.EventSourceServiceClient
 	streams skiffv1connect.StreamServiceClient
+	cluster skiffv1connect.ClusterServiceClient
 }
 
 // dial resolves the endpoint and the API key and builds the clients. It
@@ -84,6 +85,7 @@ func (a *app) dial() (*clients, error) {
 		queues:  skiffv1connect.NewQueueServiceClient(hc, endpoint, opts...),
 		esm:     skiffv1connect.NewEventSourceServiceClient(hc, endpoint, opts...),
 		streams: skiffv1connect.NewStreamServiceClient(hc, endpoint, opts...),
+		cluster: skiffv1connect.NewClusterServiceClient(hc, endpoint, opts...),
 	}, nil
 }
 
