@@ -14,6 +14,8 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
+	"sync"
 	"syscall"
 	"time"
 
@@ -26,6 +28,7 @@ import (
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
 	"skiff.dev/skiff/ebpf"
+	"skiff.dev/skiff/gossip"
 	"skiff.dev/skiff/internal/archive"
 	"skiff.dev/skiff/vmm/jail"
 )
@@ -67,9 +70,14 @@ type Agent struct {
 	cfg    Config
 	jail   *jail.Manager
 	mgr    *sandbox.Manager
+	cache  *codecache.Cache
 	ledger *placement.Ledger
 	cancel context.CancelFunc
 	done   chan struct{}
+
+	changes   chan struct{} // a pending capacity change (one buffered)
+	drainOnce sync.Once
+	drainCh   chan struct{} // closed when draining starts
 }
 
 var _ skiffv1connect.AgentServiceHandler = (*Agent)(nil)
@@ -135,7 +143,9 @@ func New(cfg Config) (*Agent, error) {
 		return nil, fmt.Errorf("opening code cache: %w", err)
 	}
 	ledger := placement.NewLedger(cfg.MemoryMB)
+	changes := make(chan struct{}, 1)
 	mgr, err := sandbox.New(sandbox.Config{
+		OnChange:    func() { kick(changes) },
 		Launcher:    jailLauncher{jm},
 		Code:        cache,
 		Ledger:      ledger,
@@ -151,7 +161,8 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	a := &Agent{cfg: cfg, jail: jm, mgr: mgr, ledger: ledger, cancel: cancel, done: make(chan struct{})}
+	a := &Agent{cfg: cfg, jail: jm, mgr: mgr, cache: cache, ledger: ledger, cancel: cancel, done: make(chan struct{}),
+		changes: changes, drainCh: make(chan struct{})}
 	go func() {
 		defer close(a.done)
 		interval := cfg.KeepAlive / 10
@@ -184,7 +195,8 @@ func (a *Agent) Retire(_ context.Context, req *connect.Request[skiffv1.RetireReq
 // Status reports capacity and sandboxes.
 func (a *Agent) Status(context.Context, *connect.Request[skiffv1.StatusRequest]) (*connect.Response[skiffv1.StatusResponse], error) {
 	committed, total := a.ledger.Usage()
-	resp := &skiffv1.StatusResponse{Host: a.cfg.Host, MemoryTotalMb: total, MemoryCommittedMb: committed}
+	resp := &skiffv1.StatusResponse{Host: a.cfg.Host, MemoryTotalMb: total, MemoryCommittedMb: committed,
+		Draining: a.mgr.Draining(), InFlight: int32(a.mgr.InFlight())}
 	for _, s := range a.mgr.Sandboxes() {
 		resp.Sandboxes = append(resp.Sandboxes, &skiffv1.SandboxInfo{
 			Id: s.ID, FunctionName: s.Function, ConfigKey: s.ConfigKey, State: s.State.String(),
@@ -192,6 +204,95 @@ func (a *Agent) Status(context.Context, *connect.Request[skiffv1.StatusRequest])
 		})
 	}
 	return connect.NewResponse(resp), nil
+}
+
+// Drain starts draining (see StartDrain); with req.Wait it answers once
+// the in-flight invocations finished or the call's deadline passed.
+func (a *Agent) Drain(ctx context.Context, req *connect.Request[skiffv1.DrainRequest]) (*connect.Response[skiffv1.DrainResponse], error) {
+	a.StartDrain()
+	if req.Msg.GetWait() {
+		if err := a.mgr.WaitIdle(ctx); err != nil {
+			a.cfg.Logger.Info("drain: stopped waiting for in-flight invocations", "in_flight", a.mgr.InFlight(), "err", err)
+		}
+	}
+	return connect.NewResponse(&skiffv1.DrainResponse{InFlight: int32(a.mgr.InFlight())}), nil
+}
+
+// StartDrain makes the agent refuse new invocations (Unavailable, reason
+// "draining") while in-flight ones finish; see WaitIdle. It is idempotent
+// and cannot be undone. DrainStarted is closed when it is first called.
+func (a *Agent) StartDrain() {
+	a.drainOnce.Do(func() {
+		a.mgr.Drain()
+		a.cfg.Logger.Info("draining: taking no new invocations", "in_flight", a.mgr.InFlight())
+		close(a.drainCh)
+		kick(a.changes)
+	})
+}
+
+// DrainStarted is closed once draining started (StartDrain or the Drain
+// RPC): the process that owns the agent then waits for WaitIdle and exits.
+func (a *Agent) DrainStarted() <-chan struct{} { return a.drainCh }
+
+// WaitIdle waits until no invocation is in flight or ctx is done. After
+// StartDrain nothing new starts, so it returns once the last one finished.
+func (a *Agent) WaitIdle(ctx context.Context) error { return a.mgr.WaitIdle(ctx) }
+
+// InFlight returns the number of invocations running.
+func (a *Agent) InFlight() int { return a.mgr.InFlight() }
+
+// Changes receives a value (coalesced: one pending at most) after the
+// agent's capacity may have changed: a sandbox started, became busy or
+// idle, or died, or draining started. Report Capacity then.
+func (a *Agent) Changes() <-chan struct{} { return a.changes }
+
+// Capacity reports what this host has, for gossip: memory from the
+// placement ledger, CPU cores and load, sandbox counts, warm idle
+// sandboxes per configuration key and the cached code digests.
+func (a *Agent) Capacity() gossip.Capacity {
+	committed, total := a.ledger.Usage()
+	c := gossip.Capacity{
+		MemoryTotalMB: total,
+		MemoryFreeMB:  max(total-committed, 0),
+		CPUTotalMilli: int64(runtime.NumCPU()) * 1000,
+		WarmIdle:      map[string]int{},
+		CodeDigests:   a.cache.Digests(),
+	}
+	c.Load = hostLoad(runtime.NumCPU())
+	c.CPUFreeMilli = int64(float64(c.CPUTotalMilli) * (1 - min(c.Load, 1)))
+	for _, s := range a.mgr.Sandboxes() {
+		c.Sandboxes++
+		switch s.State {
+		case sandbox.StateIdle:
+			c.Idle++
+			c.WarmIdle[s.ConfigKey]++
+		case sandbox.StateDead:
+		default: // starting, initializing and busy sandboxes all serve an invocation
+			c.Busy++
+		}
+	}
+	return c
+}
+
+// hostLoad is the one-minute load average per core, 0 when unknown.
+func hostLoad(cores int) float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil || cores <= 0 {
+		return 0
+	}
+	var l float64
+	if _, err := fmt.Sscanf(string(b), "%f", &l); err != nil || l < 0 {
+		return 0
+	}
+	return l / float64(cores)
+}
+
+// kick signals ch without blocking.
+func kick(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
 }
 
 // Close drains in-flight invocations (until ctx is done), then releases

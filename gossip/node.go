@@ -98,6 +98,7 @@ type Node struct {
 	lim    summaryLimits
 	log    *slog.Logger
 	ml     *memberlist.Memberlist
+	addr   string // advertised host:port, read once at New
 	bcasts *memberlist.TransmitLimitedQueue
 	events *eventQueue
 
@@ -185,6 +186,10 @@ func New(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("gossip: starting memberlist: %w", err)
 	}
 	n.ml = ml
+	// Read the local node once, before anything updates it: memberlist
+	// returns a pointer into its state, which UpdateNode rewrites.
+	ln := ml.LocalNode()
+	n.addr = net.JoinHostPort(ln.Addr.String(), strconv.Itoa(int(ln.Port)))
 	n.wg.Add(1)
 	go n.updater()
 	return n, nil
@@ -195,10 +200,7 @@ func (n *Node) Name() string { return n.cfg.Name }
 
 // Addr is this member's gossip address (host:port), to give to others'
 // Join.
-func (n *Node) Addr() string {
-	ln := n.ml.LocalNode()
-	return net.JoinHostPort(ln.Addr.String(), strconv.Itoa(int(ln.Port)))
-}
+func (n *Node) Addr() string { return n.addr }
 
 // Join contacts the given members (host:port) and merges their state. It
 // returns how many it reached; an error only when it reached none.

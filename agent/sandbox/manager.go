@@ -43,6 +43,10 @@ type Config struct {
 	Now         func() time.Time
 	Logger      *slog.Logger
 	Registry    prometheus.Registerer // optional
+	// OnChange, when set, is called after every sandbox state change (a
+	// sandbox started, became busy or idle, or died): for capacity
+	// reports. It must return quickly and must not call the Manager.
+	OnChange func()
 }
 
 func (c *Config) setDefaults() {
@@ -76,7 +80,9 @@ type Manager struct {
 	newest   map[string]string   // guarded by mu; function → newest config key
 	all      map[string]*Sandbox // guarded by mu; every live sandbox
 	closed   bool                // guarded by mu
-	inflight sync.WaitGroup
+	draining bool                // guarded by mu: new invocations are refused
+	inflight int                 // guarded by mu: invocations running
+	drained  chan struct{}       // guarded by mu: closed when inflight drops to 0
 }
 
 // pool holds the idle sandboxes of one function configuration.
@@ -114,8 +120,10 @@ func (m *Manager) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 	if _, err := networkPolicy(spec); err != nil {
 		return nil, err
 	}
-	m.inflight.Add(1)
-	defer m.inflight.Done()
+	if err := m.begin(); err != nil {
+		return nil, err
+	}
+	defer m.end()
 	for attempt := 0; ; attempt++ {
 		resp, retry, err := m.invokeOnce(ctx, req, attempt > 0)
 		if !retry || attempt >= 2 {
@@ -134,6 +142,10 @@ func (m *Manager) invokeOnce(ctx context.Context, req *skiffv1.AgentInvokeReques
 	if !fresh {
 		if sb, err = m.acquire(spec); err != nil {
 			return nil, false, err
+		}
+		if sb == nil && req.GetWarmOnly() {
+			return nil, false, errs.New(errs.KindFailedPrecondition, "agent %s has no idle sandbox of %s (config %.12s)",
+				m.cfg.Host, spec.GetFunctionName(), spec.GetConfigKey()).WithReason("no_warm_sandbox")
 		}
 	} else if err := m.refuseClosed(); err != nil {
 		return nil, false, err
@@ -262,6 +274,75 @@ func frameLog(requestID string, spec *skiffv1.SandboxSpec, text []byte, note str
 	return b.String()
 }
 
+// begin counts an invocation in, unless the manager is closed or
+// draining.
+func (m *Manager) begin() error {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return errs.Unavailable("agent %s is shutting down", m.cfg.Host).WithReason("draining")
+	}
+	if m.draining {
+		return errs.Unavailable("agent %s is draining: it takes no new invocations", m.cfg.Host).WithReason("draining")
+	}
+	m.inflight++
+	return nil
+}
+
+// end counts an invocation out.
+func (m *Manager) end() {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.inflight--
+	if m.inflight == 0 && m.drained != nil {
+		close(m.drained)
+		m.drained = nil
+	}
+}
+
+// InFlight returns the number of invocations running.
+func (m *Manager) InFlight() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.inflight
+}
+
+// Drain makes the manager refuse new invocations (Unavailable, reason
+// "draining") from now on; in-flight ones continue. It cannot be undone.
+func (m *Manager) Drain() {
+	m.mu.Lock()
+	m.draining = true
+	m.mu.Unlock()
+}
+
+// Draining reports whether Drain or Close was called.
+func (m *Manager) Draining() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.draining || m.closed
+}
+
+// WaitIdle waits until no invocation is in flight, or ctx is done. Call it
+// after Drain or Close, or new invocations may keep it waiting.
+func (m *Manager) WaitIdle(ctx context.Context) error {
+	m.mu.Lock()
+	if m.inflight == 0 {
+		m.mu.Unlock()
+		return nil
+	}
+	if m.drained == nil {
+		m.drained = make(chan struct{})
+	}
+	ch := m.drained
+	m.mu.Unlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return context.Cause(ctx)
+	}
+}
+
 func (m *Manager) refuseClosed() error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -307,7 +388,7 @@ func (m *Manager) acquire(spec *skiffv1.SandboxSpec) (*Sandbox, error) {
 			retire = append(retire, sb)
 			continue
 		} else {
-			m.metrics.moved(from, StateBusy)
+			m.moved(from, StateBusy)
 		}
 		return sb, nil
 	}
@@ -377,7 +458,7 @@ func (m *Manager) start(ctx context.Context, spec *skiffv1.SandboxSpec) (*Sandbo
 	m.mu.Lock()
 	m.all[id] = sb
 	m.mu.Unlock()
-	m.metrics.moved(-1, StateStarting)
+	m.moved(-1, StateStarting)
 	m.mustMove(sb, StateInitializing)
 
 	ictx, icancel := context.WithTimeout(ctx, m.cfg.InitTimeout)
@@ -470,7 +551,7 @@ func (m *Manager) release(sb *Sandbox) {
 	}
 	p.idle = append(p.idle, sb)
 	m.mu.Unlock()
-	m.metrics.moved(from, StateIdle)
+	m.moved(from, StateIdle)
 }
 
 // discard closes a sandbox and returns its memory.
@@ -493,7 +574,15 @@ func (m *Manager) discard(sb *Sandbox) {
 		m.cfg.Logger.Warn("closing sandbox", "sandbox", sb.id, "err", err)
 	}
 	m.cfg.Ledger.Release(sb.memoryMB)
-	m.metrics.moved(from, StateDead)
+	m.moved(from, StateDead)
+}
+
+// moved records a state change in the metrics and tells OnChange.
+func (m *Manager) moved(from, to State) {
+	m.metrics.moved(from, to)
+	if m.cfg.OnChange != nil {
+		m.cfg.OnChange()
+	}
 }
 
 func (m *Manager) mustMove(sb *Sandbox, to State) {
@@ -501,7 +590,7 @@ func (m *Manager) mustMove(sb *Sandbox, to State) {
 	if err != nil {
 		panic(err) // the manager's own sequencing is wrong
 	}
-	m.metrics.moved(from, to)
+	m.moved(from, to)
 }
 
 func (m *Manager) closeAll(sbs []*Sandbox) {
@@ -616,12 +705,7 @@ func (m *Manager) Close(ctx context.Context) error {
 	m.mu.Lock()
 	m.closed = true
 	m.mu.Unlock()
-	done := make(chan struct{})
-	go func() { m.inflight.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-ctx.Done():
-	}
+	_ = m.WaitIdle(ctx) // past ctx, in-flight sandboxes are closed under them
 	m.mu.Lock()
 	var all []*Sandbox
 	for _, sb := range m.all {

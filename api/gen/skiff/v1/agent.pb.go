@@ -180,7 +180,12 @@ type AgentInvokeRequest struct {
 	ClientContext string                 `protobuf:"bytes,4,opt,name=client_context,json=clientContext,proto3" json:"client_context,omitempty"`
 	TraceId       string                 `protobuf:"bytes,5,opt,name=trace_id,json=traceId,proto3" json:"trace_id,omitempty"`
 	// Whether to return the invocation's log text.
-	WantLog       bool `protobuf:"varint,6,opt,name=want_log,json=wantLog,proto3" json:"want_log,omitempty"`
+	WantLog bool `protobuf:"varint,6,opt,name=want_log,json=wantLog,proto3" json:"want_log,omitempty"`
+	// Run only on an idle warm sandbox of the spec's config key: without
+	// one the agent refuses with FailedPrecondition, reason
+	// "no_warm_sandbox", and starts nothing (placement claimed a warm
+	// sandbox from a gossiped view that was stale).
+	WarmOnly      bool `protobuf:"varint,7,opt,name=warm_only,json=warmOnly,proto3" json:"warm_only,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -253,6 +258,13 @@ func (x *AgentInvokeRequest) GetTraceId() string {
 func (x *AgentInvokeRequest) GetWantLog() bool {
 	if x != nil {
 		return x.WantLog
+	}
+	return false
+}
+
+func (x *AgentInvokeRequest) GetWarmOnly() bool {
+	if x != nil {
+		return x.WarmOnly
 	}
 	return false
 }
@@ -606,8 +618,12 @@ type StatusResponse struct {
 	MemoryTotalMb     int64                  `protobuf:"varint,2,opt,name=memory_total_mb,json=memoryTotalMb,proto3" json:"memory_total_mb,omitempty"`
 	MemoryCommittedMb int64                  `protobuf:"varint,3,opt,name=memory_committed_mb,json=memoryCommittedMb,proto3" json:"memory_committed_mb,omitempty"`
 	Sandboxes         []*SandboxInfo         `protobuf:"bytes,4,rep,name=sandboxes,proto3" json:"sandboxes,omitempty"`
-	unknownFields     protoimpl.UnknownFields
-	sizeCache         protoimpl.SizeCache
+	// The agent is draining: it takes no new invocations.
+	Draining bool `protobuf:"varint,5,opt,name=draining,proto3" json:"draining,omitempty"`
+	// Invocations running now.
+	InFlight      int32 `protobuf:"varint,6,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
@@ -668,6 +684,211 @@ func (x *StatusResponse) GetSandboxes() []*SandboxInfo {
 	return nil
 }
 
+func (x *StatusResponse) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
+func (x *StatusResponse) GetInFlight() int32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+type DrainRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Wait until the in-flight invocations finished (or the call's deadline)
+	// before answering.
+	Wait          bool `protobuf:"varint,1,opt,name=wait,proto3" json:"wait,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_skiff_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *DrainRequest) GetWait() bool {
+	if x != nil {
+		return x.Wait
+	}
+	return false
+}
+
+type DrainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Invocations still running when the call answers (0 after a wait that
+	// completed).
+	InFlight      int32 `protobuf:"varint,1,opt,name=in_flight,json=inFlight,proto3" json:"in_flight,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_skiff_v1_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_agent_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *DrainResponse) GetInFlight() int32 {
+	if x != nil {
+		return x.InFlight
+	}
+	return 0
+}
+
+type GetCodeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Hex sha256 of the code archive.
+	CodeSha256    string `protobuf:"bytes,1,opt,name=code_sha256,json=codeSha256,proto3" json:"code_sha256,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCodeRequest) Reset() {
+	*x = GetCodeRequest{}
+	mi := &file_skiff_v1_agent_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCodeRequest) ProtoMessage() {}
+
+func (x *GetCodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_agent_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCodeRequest.ProtoReflect.Descriptor instead.
+func (*GetCodeRequest) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_agent_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *GetCodeRequest) GetCodeSha256() string {
+	if x != nil {
+		return x.CodeSha256
+	}
+	return ""
+}
+
+type GetCodeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The next bytes of the archive.
+	Chunk []byte `protobuf:"bytes,1,opt,name=chunk,proto3" json:"chunk,omitempty"`
+	// The archive's total size in bytes; set on the first message only.
+	Size          int64 `protobuf:"varint,2,opt,name=size,proto3" json:"size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetCodeResponse) Reset() {
+	*x = GetCodeResponse{}
+	mi := &file_skiff_v1_agent_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetCodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetCodeResponse) ProtoMessage() {}
+
+func (x *GetCodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skiff_v1_agent_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetCodeResponse.ProtoReflect.Descriptor instead.
+func (*GetCodeResponse) Descriptor() ([]byte, []int) {
+	return file_skiff_v1_agent_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *GetCodeResponse) GetChunk() []byte {
+	if x != nil {
+		return x.Chunk
+	}
+	return nil
+}
+
+func (x *GetCodeResponse) GetSize() int64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
 var File_skiff_v1_agent_proto protoreflect.FileDescriptor
 
 const file_skiff_v1_agent_proto_rawDesc = "" +
@@ -693,7 +914,7 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\fnetwork_deny\x18\x0e \x03(\tR\vnetworkDeny\x1a>\n" +
 	"\x10EnvironmentEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xd5\x01\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"\xf2\x01\n" +
 	"\x12AgentInvokeRequest\x12)\n" +
 	"\x04spec\x18\x01 \x01(\v2\x15.skiff.v1.SandboxSpecR\x04spec\x12\x1d\n" +
 	"\n" +
@@ -701,7 +922,8 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"\apayload\x18\x03 \x01(\fR\apayload\x12%\n" +
 	"\x0eclient_context\x18\x04 \x01(\tR\rclientContext\x12\x19\n" +
 	"\btrace_id\x18\x05 \x01(\tR\atraceId\x12\x19\n" +
-	"\bwant_log\x18\x06 \x01(\bR\awantLog\"\x8e\x03\n" +
+	"\bwant_log\x18\x06 \x01(\bR\awantLog\x12\x1b\n" +
+	"\twarm_only\x18\a \x01(\bR\bwarmOnly\"\x8e\x03\n" +
 	"\x13AgentInvokeResponse\x12\x18\n" +
 	"\apayload\x18\x01 \x01(\fR\apayload\x12%\n" +
 	"\x0efunction_error\x18\x02 \x01(\tR\rfunctionError\x12\x10\n" +
@@ -731,16 +953,31 @@ const file_skiff_v1_agent_proto_rawDesc = "" +
 	"config_key\x18\x03 \x01(\tR\tconfigKey\x12\x14\n" +
 	"\x05state\x18\x04 \x01(\tR\x05state\x12\x1b\n" +
 	"\tmemory_mb\x18\x05 \x01(\x05R\bmemoryMb\x12 \n" +
-	"\vinvocations\x18\x06 \x01(\x03R\vinvocations\"\xb1\x01\n" +
+	"\vinvocations\x18\x06 \x01(\x03R\vinvocations\"\xea\x01\n" +
 	"\x0eStatusResponse\x12\x12\n" +
 	"\x04host\x18\x01 \x01(\tR\x04host\x12&\n" +
 	"\x0fmemory_total_mb\x18\x02 \x01(\x03R\rmemoryTotalMb\x12.\n" +
 	"\x13memory_committed_mb\x18\x03 \x01(\x03R\x11memoryCommittedMb\x123\n" +
-	"\tsandboxes\x18\x04 \x03(\v2\x15.skiff.v1.SandboxInfoR\tsandboxes2\xcf\x01\n" +
+	"\tsandboxes\x18\x04 \x03(\v2\x15.skiff.v1.SandboxInfoR\tsandboxes\x12\x1a\n" +
+	"\bdraining\x18\x05 \x01(\bR\bdraining\x12\x1b\n" +
+	"\tin_flight\x18\x06 \x01(\x05R\binFlight\"\"\n" +
+	"\fDrainRequest\x12\x12\n" +
+	"\x04wait\x18\x01 \x01(\bR\x04wait\",\n" +
+	"\rDrainResponse\x12\x1b\n" +
+	"\tin_flight\x18\x01 \x01(\x05R\binFlight\"1\n" +
+	"\x0eGetCodeRequest\x12\x1f\n" +
+	"\vcode_sha256\x18\x01 \x01(\tR\n" +
+	"codeSha256\";\n" +
+	"\x0fGetCodeResponse\x12\x14\n" +
+	"\x05chunk\x18\x01 \x01(\fR\x05chunk\x12\x12\n" +
+	"\x04size\x18\x02 \x01(\x03R\x04size2\x89\x02\n" +
 	"\fAgentService\x12E\n" +
 	"\x06Invoke\x12\x1c.skiff.v1.AgentInvokeRequest\x1a\x1d.skiff.v1.AgentInvokeResponse\x12;\n" +
 	"\x06Retire\x12\x17.skiff.v1.RetireRequest\x1a\x18.skiff.v1.RetireResponse\x12;\n" +
-	"\x06Status\x12\x17.skiff.v1.StatusRequest\x1a\x18.skiff.v1.StatusResponseB\x85\x01\n" +
+	"\x06Status\x12\x17.skiff.v1.StatusRequest\x1a\x18.skiff.v1.StatusResponse\x128\n" +
+	"\x05Drain\x12\x16.skiff.v1.DrainRequest\x1a\x17.skiff.v1.DrainResponse2O\n" +
+	"\vCodeService\x12@\n" +
+	"\aGetCode\x12\x18.skiff.v1.GetCodeRequest\x1a\x19.skiff.v1.GetCodeResponse0\x01B\x85\x01\n" +
 	"\fcom.skiff.v1B\n" +
 	"AgentProtoP\x01Z(skiff.dev/skiff/api/gen/skiff/v1;skiffv1\xa2\x02\x03SXX\xaa\x02\bSkiff.V1\xca\x02\bSkiff\\V1\xe2\x02\x14Skiff\\V1\\GPBMetadata\xea\x02\tSkiff::V1b\x06proto3"
 
@@ -756,7 +993,7 @@ func file_skiff_v1_agent_proto_rawDescGZIP() []byte {
 	return file_skiff_v1_agent_proto_rawDescData
 }
 
-var file_skiff_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_skiff_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_skiff_v1_agent_proto_goTypes = []any{
 	(*SandboxSpec)(nil),         // 0: skiff.v1.SandboxSpec
 	(*AgentInvokeRequest)(nil),  // 1: skiff.v1.AgentInvokeRequest
@@ -766,23 +1003,31 @@ var file_skiff_v1_agent_proto_goTypes = []any{
 	(*StatusRequest)(nil),       // 5: skiff.v1.StatusRequest
 	(*SandboxInfo)(nil),         // 6: skiff.v1.SandboxInfo
 	(*StatusResponse)(nil),      // 7: skiff.v1.StatusResponse
-	nil,                         // 8: skiff.v1.SandboxSpec.EnvironmentEntry
+	(*DrainRequest)(nil),        // 8: skiff.v1.DrainRequest
+	(*DrainResponse)(nil),       // 9: skiff.v1.DrainResponse
+	(*GetCodeRequest)(nil),      // 10: skiff.v1.GetCodeRequest
+	(*GetCodeResponse)(nil),     // 11: skiff.v1.GetCodeResponse
+	nil,                         // 12: skiff.v1.SandboxSpec.EnvironmentEntry
 }
 var file_skiff_v1_agent_proto_depIdxs = []int32{
-	8, // 0: skiff.v1.SandboxSpec.environment:type_name -> skiff.v1.SandboxSpec.EnvironmentEntry
-	0, // 1: skiff.v1.AgentInvokeRequest.spec:type_name -> skiff.v1.SandboxSpec
-	6, // 2: skiff.v1.StatusResponse.sandboxes:type_name -> skiff.v1.SandboxInfo
-	1, // 3: skiff.v1.AgentService.Invoke:input_type -> skiff.v1.AgentInvokeRequest
-	3, // 4: skiff.v1.AgentService.Retire:input_type -> skiff.v1.RetireRequest
-	5, // 5: skiff.v1.AgentService.Status:input_type -> skiff.v1.StatusRequest
-	2, // 6: skiff.v1.AgentService.Invoke:output_type -> skiff.v1.AgentInvokeResponse
-	4, // 7: skiff.v1.AgentService.Retire:output_type -> skiff.v1.RetireResponse
-	7, // 8: skiff.v1.AgentService.Status:output_type -> skiff.v1.StatusResponse
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	12, // 0: skiff.v1.SandboxSpec.environment:type_name -> skiff.v1.SandboxSpec.EnvironmentEntry
+	0,  // 1: skiff.v1.AgentInvokeRequest.spec:type_name -> skiff.v1.SandboxSpec
+	6,  // 2: skiff.v1.StatusResponse.sandboxes:type_name -> skiff.v1.SandboxInfo
+	1,  // 3: skiff.v1.AgentService.Invoke:input_type -> skiff.v1.AgentInvokeRequest
+	3,  // 4: skiff.v1.AgentService.Retire:input_type -> skiff.v1.RetireRequest
+	5,  // 5: skiff.v1.AgentService.Status:input_type -> skiff.v1.StatusRequest
+	8,  // 6: skiff.v1.AgentService.Drain:input_type -> skiff.v1.DrainRequest
+	10, // 7: skiff.v1.CodeService.GetCode:input_type -> skiff.v1.GetCodeRequest
+	2,  // 8: skiff.v1.AgentService.Invoke:output_type -> skiff.v1.AgentInvokeResponse
+	4,  // 9: skiff.v1.AgentService.Retire:output_type -> skiff.v1.RetireResponse
+	7,  // 10: skiff.v1.AgentService.Status:output_type -> skiff.v1.StatusResponse
+	9,  // 11: skiff.v1.AgentService.Drain:output_type -> skiff.v1.DrainResponse
+	11, // 12: skiff.v1.CodeService.GetCode:output_type -> skiff.v1.GetCodeResponse
+	8,  // [8:13] is the sub-list for method output_type
+	3,  // [3:8] is the sub-list for method input_type
+	3,  // [3:3] is the sub-list for extension type_name
+	3,  // [3:3] is the sub-list for extension extendee
+	0,  // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_skiff_v1_agent_proto_init() }
@@ -796,9 +1041,9 @@ func file_skiff_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_skiff_v1_agent_proto_rawDesc), len(file_skiff_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   9,
+			NumMessages:   13,
 			NumExtensions: 0,
-			NumServices:   1,
+			NumServices:   2,
 		},
 		GoTypes:           file_skiff_v1_agent_proto_goTypes,
 		DependencyIndexes: file_skiff_v1_agent_proto_depIdxs,

@@ -23,6 +23,8 @@ const _ = connect.IsAtLeastVersion1_13_0
 const (
 	// AgentServiceName is the fully-qualified name of the AgentService service.
 	AgentServiceName = "skiff.v1.AgentService"
+	// CodeServiceName is the fully-qualified name of the CodeService service.
+	CodeServiceName = "skiff.v1.CodeService"
 )
 
 // These constants are the fully-qualified names of the RPCs defined in this package. They're
@@ -39,6 +41,10 @@ const (
 	AgentServiceRetireProcedure = "/skiff.v1.AgentService/Retire"
 	// AgentServiceStatusProcedure is the fully-qualified name of the AgentService's Status RPC.
 	AgentServiceStatusProcedure = "/skiff.v1.AgentService/Status"
+	// AgentServiceDrainProcedure is the fully-qualified name of the AgentService's Drain RPC.
+	AgentServiceDrainProcedure = "/skiff.v1.AgentService/Drain"
+	// CodeServiceGetCodeProcedure is the fully-qualified name of the CodeService's GetCode RPC.
+	CodeServiceGetCodeProcedure = "/skiff.v1.CodeService/GetCode"
 )
 
 // AgentServiceClient is a client for the skiff.v1.AgentService service.
@@ -51,6 +57,11 @@ type AgentServiceClient interface {
 	Retire(context.Context, *connect.Request[v1.RetireRequest]) (*connect.Response[v1.RetireResponse], error)
 	// Status reports the agent's capacity and sandboxes.
 	Status(context.Context, *connect.Request[v1.StatusRequest]) (*connect.Response[v1.StatusResponse], error)
+	// Drain makes the agent take no new invocations (they fail with
+	// Unavailable, reason "draining", so that a gateway places them
+	// elsewhere) and let the in-flight ones finish; `skiff agent` then exits.
+	// Draining cannot be undone: restart the agent instead.
+	Drain(context.Context, *connect.Request[v1.DrainRequest]) (*connect.Response[v1.DrainResponse], error)
 }
 
 // NewAgentServiceClient constructs a client for the skiff.v1.AgentService service. By default, it
@@ -82,6 +93,12 @@ func NewAgentServiceClient(httpClient connect.HTTPClient, baseURL string, opts .
 			connect.WithSchema(agentServiceMethods.ByName("Status")),
 			connect.WithClientOptions(opts...),
 		),
+		drain: connect.NewClient[v1.DrainRequest, v1.DrainResponse](
+			httpClient,
+			baseURL+AgentServiceDrainProcedure,
+			connect.WithSchema(agentServiceMethods.ByName("Drain")),
+			connect.WithClientOptions(opts...),
+		),
 	}
 }
 
@@ -90,6 +107,7 @@ type agentServiceClient struct {
 	invoke *connect.Client[v1.AgentInvokeRequest, v1.AgentInvokeResponse]
 	retire *connect.Client[v1.RetireRequest, v1.RetireResponse]
 	status *connect.Client[v1.StatusRequest, v1.StatusResponse]
+	drain  *connect.Client[v1.DrainRequest, v1.DrainResponse]
 }
 
 // Invoke calls skiff.v1.AgentService.Invoke.
@@ -107,6 +125,11 @@ func (c *agentServiceClient) Status(ctx context.Context, req *connect.Request[v1
 	return c.status.CallUnary(ctx, req)
 }
 
+// Drain calls skiff.v1.AgentService.Drain.
+func (c *agentServiceClient) Drain(ctx context.Context, req *connect.Request[v1.DrainRequest]) (*connect.Response[v1.DrainResponse], error) {
+	return c.drain.CallUnary(ctx, req)
+}
+
 // AgentServiceHandler is an implementation of the skiff.v1.AgentService service.
 type AgentServiceHandler interface {
 	// Invoke runs one invocation on a warm sandbox of the function, or on a
@@ -117,6 +140,11 @@ type AgentServiceHandler interface {
 	Retire(context.Context, *connect.Request[v1.RetireRequest]) (*connect.Response[v1.RetireResponse], error)
 	// Status reports the agent's capacity and sandboxes.
 	Status(context.Context, *connect.Request[v1.StatusRequest]) (*connect.Response[v1.StatusResponse], error)
+	// Drain makes the agent take no new invocations (they fail with
+	// Unavailable, reason "draining", so that a gateway places them
+	// elsewhere) and let the in-flight ones finish; `skiff agent` then exits.
+	// Draining cannot be undone: restart the agent instead.
+	Drain(context.Context, *connect.Request[v1.DrainRequest]) (*connect.Response[v1.DrainResponse], error)
 }
 
 // NewAgentServiceHandler builds an HTTP handler from the service implementation. It returns the
@@ -144,6 +172,12 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 		connect.WithSchema(agentServiceMethods.ByName("Status")),
 		connect.WithHandlerOptions(opts...),
 	)
+	agentServiceDrainHandler := connect.NewUnaryHandler(
+		AgentServiceDrainProcedure,
+		svc.Drain,
+		connect.WithSchema(agentServiceMethods.ByName("Drain")),
+		connect.WithHandlerOptions(opts...),
+	)
 	return "/skiff.v1.AgentService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch r.URL.Path {
 		case AgentServiceInvokeProcedure:
@@ -152,6 +186,8 @@ func NewAgentServiceHandler(svc AgentServiceHandler, opts ...connect.HandlerOpti
 			agentServiceRetireHandler.ServeHTTP(w, r)
 		case AgentServiceStatusProcedure:
 			agentServiceStatusHandler.ServeHTTP(w, r)
+		case AgentServiceDrainProcedure:
+			agentServiceDrainHandler.ServeHTTP(w, r)
 		default:
 			http.NotFound(w, r)
 		}
@@ -171,4 +207,84 @@ func (UnimplementedAgentServiceHandler) Retire(context.Context, *connect.Request
 
 func (UnimplementedAgentServiceHandler) Status(context.Context, *connect.Request[v1.StatusRequest]) (*connect.Response[v1.StatusResponse], error) {
 	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.AgentService.Status is not implemented"))
+}
+
+func (UnimplementedAgentServiceHandler) Drain(context.Context, *connect.Request[v1.DrainRequest]) (*connect.Response[v1.DrainResponse], error) {
+	return nil, connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.AgentService.Drain is not implemented"))
+}
+
+// CodeServiceClient is a client for the skiff.v1.CodeService service.
+type CodeServiceClient interface {
+	// GetCode streams the zip archive whose sha256 is code_sha256, in chunks
+	// of at most 1 MiB; the first message carries the total size. NotFound
+	// when no such code is stored.
+	GetCode(context.Context, *connect.Request[v1.GetCodeRequest]) (*connect.ServerStreamForClient[v1.GetCodeResponse], error)
+}
+
+// NewCodeServiceClient constructs a client for the skiff.v1.CodeService service. By default, it
+// uses the Connect protocol with the binary Protobuf Codec, asks for gzipped responses, and sends
+// uncompressed requests. To use the gRPC or gRPC-Web protocols, supply the connect.WithGRPC() or
+// connect.WithGRPCWeb() options.
+//
+// The URL supplied here should be the base URL for the Connect or gRPC server (for example,
+// http://api.acme.com or https://acme.com/grpc).
+func NewCodeServiceClient(httpClient connect.HTTPClient, baseURL string, opts ...connect.ClientOption) CodeServiceClient {
+	baseURL = strings.TrimRight(baseURL, "/")
+	codeServiceMethods := v1.File_skiff_v1_agent_proto.Services().ByName("CodeService").Methods()
+	return &codeServiceClient{
+		getCode: connect.NewClient[v1.GetCodeRequest, v1.GetCodeResponse](
+			httpClient,
+			baseURL+CodeServiceGetCodeProcedure,
+			connect.WithSchema(codeServiceMethods.ByName("GetCode")),
+			connect.WithClientOptions(opts...),
+		),
+	}
+}
+
+// codeServiceClient implements CodeServiceClient.
+type codeServiceClient struct {
+	getCode *connect.Client[v1.GetCodeRequest, v1.GetCodeResponse]
+}
+
+// GetCode calls skiff.v1.CodeService.GetCode.
+func (c *codeServiceClient) GetCode(ctx context.Context, req *connect.Request[v1.GetCodeRequest]) (*connect.ServerStreamForClient[v1.GetCodeResponse], error) {
+	return c.getCode.CallServerStream(ctx, req)
+}
+
+// CodeServiceHandler is an implementation of the skiff.v1.CodeService service.
+type CodeServiceHandler interface {
+	// GetCode streams the zip archive whose sha256 is code_sha256, in chunks
+	// of at most 1 MiB; the first message carries the total size. NotFound
+	// when no such code is stored.
+	GetCode(context.Context, *connect.Request[v1.GetCodeRequest], *connect.ServerStream[v1.GetCodeResponse]) error
+}
+
+// NewCodeServiceHandler builds an HTTP handler from the service implementation. It returns the path
+// on which to mount the handler and the handler itself.
+//
+// By default, handlers support the Connect, gRPC, and gRPC-Web protocols with the binary Protobuf
+// and JSON codecs. They also support gzip compression.
+func NewCodeServiceHandler(svc CodeServiceHandler, opts ...connect.HandlerOption) (string, http.Handler) {
+	codeServiceMethods := v1.File_skiff_v1_agent_proto.Services().ByName("CodeService").Methods()
+	codeServiceGetCodeHandler := connect.NewServerStreamHandler(
+		CodeServiceGetCodeProcedure,
+		svc.GetCode,
+		connect.WithSchema(codeServiceMethods.ByName("GetCode")),
+		connect.WithHandlerOptions(opts...),
+	)
+	return "/skiff.v1.CodeService/", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch r.URL.Path {
+		case CodeServiceGetCodeProcedure:
+			codeServiceGetCodeHandler.ServeHTTP(w, r)
+		default:
+			http.NotFound(w, r)
+		}
+	})
+}
+
+// UnimplementedCodeServiceHandler returns CodeUnimplemented from all methods.
+type UnimplementedCodeServiceHandler struct{}
+
+func (UnimplementedCodeServiceHandler) GetCode(context.Context, *connect.Request[v1.GetCodeRequest], *connect.ServerStream[v1.GetCodeResponse]) error {
+	return connect.NewError(connect.CodeUnimplemented, errors.New("skiff.v1.CodeService.GetCode is not implemented"))
 }
