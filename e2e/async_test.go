@@ -18,12 +18,6 @@ import (
 
 // The reliability tests of async invoke, customer queues and event source
 // mappings (issue 3), against real `skiff dev` processes.
-//
-// Not here: "an event older than MaximumEventAgeSeconds is never invoked
-// and its record says EventAgeExceeded". The smallest maximum age is 60 s
-// and `skiff dev` has no clock to inject, so a real-process test would have
-// to keep an event waiting for over a minute; gateway/async's
-// TestEventAgeExceeded covers it with an injected clock.
 
 // asyncRecord is Lambda's invocation record as a destination receives it.
 type asyncRecord struct {
@@ -426,6 +420,59 @@ func TestAsyncRetries(t *testing.T) {
 			t.Errorf("OnSuccess queue holds %d/%d messages, want none", a.ApproximateMessages, a.ApproximateMessagesNotVisible)
 		}
 	})
+}
+
+// TestAsyncEventAgeExceeded: an event of a function that can never run
+// (reserved concurrency 0: every attempt is throttled, which uses no
+// attempt) waits until it is older than MaximumEventAgeSeconds (60 s, the
+// smallest allowed) and then goes to OnFailure with the condition
+// EventAgeExceeded, never invoked. It runs in parallel with the other
+// parallel tests: it mostly waits.
+func TestAsyncEventAgeExceeded(t *testing.T) {
+	t.Parallel()
+	const maxAge = 60
+	d := startDev(t, "")
+	c := d.client("connect", "")
+	createFunction(t, c, "never", nil)
+	if _, err := c.fn.PutFunctionConcurrency(context.Background(), connect.NewRequest(&skiffv1.PutFunctionConcurrencyRequest{Name: "never", ReservedConcurrentExecutions: 0})); err != nil {
+		t.Fatal(err)
+	}
+	createQueue(t, c, "never-ok", nil)
+	createQueue(t, c, "never-failed", nil)
+	putEventConfig(t, c, "never", &skiffv1.EventInvokeConfig{MaximumEventAgeSeconds: ptr[int32](maxAge), OnSuccess: "queue:never-ok", OnFailure: "queue:never-failed"})
+
+	start := time.Now()
+	rid := mustInvokeAsync(t, c, "never", "too-old-1", `{"marker":"old"}`)
+	_, recs := drainRecords(t, c, "never-failed", 1, (maxAge+45)*time.Second, func(count map[string]int) bool { return count[rid] > 0 })
+	waited := time.Since(start)
+	if len(recs) != 1 {
+		t.Fatalf("%d failure records, want 1: %+v", len(recs), recs)
+	}
+	r := recs[0]
+	if r.RequestContext.RequestID != rid || r.RequestContext.Condition != "EventAgeExceeded" || r.RequestContext.ApproximateInvokeCount != 0 ||
+		!strings.HasSuffix(r.RequestContext.FunctionArn, ":function:never:$LATEST") || string(r.RequestPayload) != `{"marker":"old"}` {
+		t.Errorf("record %+v, want EventAgeExceeded of %s with 0 invokes and the original payload", r, rid)
+	}
+	if waited < maxAge*time.Second {
+		t.Errorf("the record came after %v, before the event was %d s old", waited, maxAge)
+	}
+	if a := queueAttrs(t, c, "never-ok"); !queueEmpty(a) {
+		t.Errorf("OnSuccess queue holds %d messages, want none: the event was invoked", a.ApproximateMessages)
+	}
+	// (metric answers -1 for a series that does not exist: none counted.)
+	for _, outcome := range []string{"success", "failed", "retried"} {
+		if n := d.metric(t, `skiff_async_attempts_total{outcome="`+outcome+`"}`); n > 0 {
+			t.Errorf("%v invocations ended %s, want none", n, outcome)
+		}
+	}
+	if n := d.metric(t, `skiff_agent_cold_starts_total{function="never"}`); n > 0 {
+		t.Errorf("%v sandboxes started, want none: the function must never run", n)
+	}
+	throttled := d.metric(t, `skiff_async_attempts_total{outcome="throttled"}`)
+	if throttled < 2 {
+		t.Errorf("%v throttled attempts, want the event retried while it waited", throttled)
+	}
+	t.Logf("EventAgeExceeded record after %v, %v throttled attempts", waited.Round(time.Millisecond), throttled)
 }
 
 // TestAsyncThrottledNeverFails: with reserved concurrency 1, 100 async

@@ -4,11 +4,6 @@ import (
 	"context"
 	"errors"
 	"hash/fnv"
-	"strconv"
-	"time"
-
-	"github.com/nats-io/nats.go"
-	"github.com/nats-io/nats.go/jetstream"
 
 	"skiff.dev/skiff/internal/errs"
 	"skiff.dev/skiff/internal/uuid"
@@ -16,9 +11,9 @@ import (
 
 // Accept stores an event for function under requestID and returns once
 // JetStream has stored it with the configured durability (the publish
-// ack). A second accept of the same request id within the dedup window is
-// acknowledged without storing the event again. The caller has checked
-// that the function exists.
+// ack of its group, group.go). A second accept of the same request id
+// within the dedup window is acknowledged without storing the event again.
+// The caller has checked that the function exists.
 func (s *Service) Accept(ctx context.Context, function string, payload []byte, requestID string) error {
 	return s.accept(ctx, function, payload, requestID, 0)
 }
@@ -33,28 +28,60 @@ func (s *Service) accept(ctx context.Context, function string, payload []byte, r
 	if n := len(payload); n > s.cfg.MaxPayload {
 		return errs.Invalid("payload", "async payload is %d bytes, over the %d-byte limit", n, s.cfg.MaxPayload)
 	}
-	if requestID == "" {
-		return errs.Invalid("request_id", "request id is required")
+	if !validID(requestID) {
+		return errs.Invalid("request_id", "request id %q is not 1-%d letters, digits, '-' or '_'", requestID, maxIDLen)
 	}
-	msg := &nats.Msg{
-		Subject: s.QueueFor(function),
-		Data:    payload,
-		Header: nats.Header{
-			HeaderRequestID: {requestID},
-			HeaderFunction:  {function},
-			HeaderAccepted:  {s.now().UTC().Format(time.RFC3339Nano)},
-			HeaderAttempt:   {"0"},
-			HeaderDepth:     {strconv.Itoa(depth)},
-		},
+	if function == "" || len(function) > maxIDLen*4 {
+		return errs.Invalid("function", "function name is empty or longer than %d bytes", maxIDLen*4)
 	}
-	ack, err := s.js.PublishMsg(ctx, msg, jetstream.WithMsgID(requestID))
-	if err != nil {
-		return publishErr(err)
+	p := &pendingAccept{
+		ev:   event{requestID: requestID, function: function, accepted: s.now(), depth: depth, payload: payload},
+		done: make(chan struct{}),
 	}
-	if !ack.Duplicate {
+	for {
+		wait, dup := s.dedup.begin(p)
+		if dup {
+			return nil
+		}
+		if wait == nil {
+			break
+		}
+		// The same request id is being accepted: its outcome is ours
+		// unless it failed, when this accept tries again.
+		select {
+		case <-wait.done:
+		case <-ctx.Done():
+			return publishErr(ctx.Err())
+		}
+		if wait.err == nil {
+			return nil
+		}
+	}
+	if err := s.commit(ctx, s.laneFor(s.QueueFor(function)), p); err != nil {
+		return err
+	}
+	if !p.dup {
 		s.met.received.Inc()
 	}
 	return nil
+}
+
+// maxIDLen bounds a request id.
+const maxIDLen = 64
+
+// validID reports whether a request id is 1-64 letters, digits, '-' or
+// '_' (the front end's rule; batch headers rely on it).
+func validID(s string) bool {
+	if len(s) == 0 || len(s) > maxIDLen {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '-' || c == '_') {
+			return false
+		}
+	}
+	return true
 }
 
 // publishErr maps a failed publish: a context error keeps its kind, a

@@ -9,22 +9,30 @@
 // One file per concern:
 //
 //   - async.go: Config, names, headers, New.
-//   - accept.go: Accept and InvokeAsync (the publish with the durability
-//     ack) and the route of a function to its queue (KV "asyncroutes").
+//   - accept.go: Accept and InvokeAsync and the route of a function to its
+//     queue (KV "asyncroutes").
+//   - group.go: group commit (concurrent accepts of a queue stored as one
+//     message, acknowledged together) and the dedupe of request ids.
+//   - batch.go: the batch message that holds a group of events.
 //   - eventconfig.go: the event invoke configs and their validation.
 //   - queues.go: the durable consumer of each queue, queue statistics for
 //     the state manager.
 //   - pool.go: the pollers, one per held lease assignment.
 //   - process.go: what a poller does with one event.
 //
-// An event is one JetStream message. Its headers carry the request id
-// (the same for every attempt), the function, the time it was first
-// accepted, the number of attempts made, the destination-chain depth and,
-// for a retry, the time before which it must not run. A retry is a new
-// message published with the next attempt number before the current one
-// is acknowledged, so a crash between the two repeats an attempt but never
-// loses the event (at-least-once). Platform errors (throttles, a lost
-// agent) put the event back with a delay without counting an attempt.
+// An event is one JetStream message, or one of the events of a batch
+// message (the accepts of a group, batch.go). A single event's headers
+// carry the request id (the same for every attempt), the function, the
+// time it was first accepted, the number of attempts made, the
+// destination-chain depth and, for a retry, the time before which it must
+// not run. A retry is a new message published with the next attempt number
+// before the current one is acknowledged, so a crash between the two
+// repeats an attempt but never loses the event (at-least-once). Platform
+// errors (throttles, a lost agent) put the event back with a delay without
+// counting an attempt. A batch message is acknowledged once every event in
+// it is finished or handed on as a message of its own (a retry, or an
+// event put back after a platform error); until then a crash redelivers
+// the whole batch.
 package async
 
 import (
@@ -36,10 +44,12 @@ import (
 	"sync"
 	"time"
 
+	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"skiff.dev/skiff/internal/errs"
+	"skiff.dev/skiff/internal/uuid"
 )
 
 // Stream, subject and bucket names. They are fixed: other gateways, the
@@ -75,6 +85,11 @@ const (
 	DefaultDedupWindow  = 2 * time.Minute
 	DefaultPlatformBase = 100 * time.Millisecond
 	DefaultPlatformMax  = 5 * time.Second
+	DefaultGroupEvents  = 256
+	DefaultGroupBytes   = 4 << 20
+	// maxGroupBytes keeps a batch message under the store's 8 MiB message
+	// limit with room for headers.
+	maxGroupBytes = 7 << 20
 	// DefaultMaxRetries and DefaultMaxEventAge apply when a function has no
 	// event invoke config (or leaves a field unset), as in Lambda.
 	DefaultMaxRetries  = 2
@@ -132,6 +147,10 @@ type Config struct {
 	// DedupWindow is how long a request id is remembered to drop a
 	// duplicate accept (default 2 minutes).
 	DedupWindow time.Duration
+	// GroupEvents and GroupBytes bound the accepts stored together as one
+	// message (defaults 256 events, 4 MiB; at most 7 MiB, and at least
+	// MaxPayload plus headers so that any one event fits).
+	GroupEvents, GroupBytes int
 	// PlatformBase and PlatformMax bound the backoff after a platform error
 	// (throttle, lost agent): it doubles with every redelivery from
 	// PlatformBase up to PlatformMax (defaults 100 ms and 5 s).
@@ -159,6 +178,12 @@ func (c *Config) setDefaults() error {
 	if c.Concurrency == 0 {
 		c.Concurrency = DefaultConcurrency
 	}
+	if c.GroupEvents == 0 {
+		c.GroupEvents = DefaultGroupEvents
+	}
+	if c.GroupBytes == 0 {
+		c.GroupBytes = max(DefaultGroupBytes, min(c.MaxPayload+64<<10, maxGroupBytes))
+	}
 	def(&c.RetryDelay, DefaultRetryDelay)
 	def(&c.AckWait, DefaultAckWait)
 	def(&c.DedupWindow, DefaultDedupWindow)
@@ -177,8 +202,12 @@ func (c *Config) setDefaults() error {
 		c.Now = time.Now
 	}
 	switch {
-	case c.MaxPayload < 0:
-		return errors.New("max payload is negative")
+	case c.MaxPayload < 0 || c.MaxPayload > maxGroupBytes-64<<10:
+		return fmt.Errorf("max payload %d is outside 0-%d", c.MaxPayload, maxGroupBytes-64<<10)
+	case c.GroupEvents < 1 || c.GroupEvents > maxBatchEvents:
+		return fmt.Errorf("group events %d is outside 1-%d", c.GroupEvents, maxBatchEvents)
+	case c.GroupBytes < c.MaxPayload+64<<10 || c.GroupBytes > maxGroupBytes:
+		return fmt.Errorf("group bytes %d is outside %d-%d (max payload plus 64 KiB to 7 MiB)", c.GroupBytes, c.MaxPayload+64<<10, maxGroupBytes)
 	case c.SharedQueues < 1 || c.SharedQueues > 64:
 		return fmt.Errorf("shared queues %d is outside 1-64", c.SharedQueues)
 	case c.RetryDelay < 0 || c.AckWait < time.Second || c.DedupWindow < 0:
@@ -206,6 +235,14 @@ type Service struct {
 
 	consMu    sync.Mutex
 	consumers map[string]jetstream.Consumer // guarded by consMu: subject → durable consumer
+
+	lanesMu sync.Mutex
+	lanes   map[string]*lane // guarded by lanesMu: subject → group commit lane
+
+	dedup    *dedupIndex
+	nc       *nats.Conn         // announcements of accepted ids (nil: none)
+	instance string             // this Service's id in announcements
+	dedupSub *nats.Subscription // nil until listening
 }
 
 // New creates (or opens) the ASYNC stream and the eventconfig and
@@ -218,7 +255,9 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config) (*Service, err
 	if err != nil {
 		return nil, fmt.Errorf("registering async metrics: %w", err)
 	}
-	s := &Service{cfg: cfg, js: js, log: cfg.Logger.With("component", "async"), now: cfg.Now, met: met, consumers: map[string]jetstream.Consumer{}}
+	s := &Service{cfg: cfg, js: js, log: cfg.Logger.With("component", "async"), now: cfg.Now, met: met,
+		consumers: map[string]jetstream.Consumer{}, lanes: map[string]*lane{},
+		dedup: newDedupIndex(cfg.DedupWindow, cfg.Now), nc: js.Conn(), instance: uuid.New()}
 	s.stream, err = js.CreateOrUpdateStream(ctx, jetstream.StreamConfig{
 		Name:        StreamName,
 		Description: "skiff async invoke queues",
@@ -226,7 +265,7 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config) (*Service, err
 		Retention:   jetstream.WorkQueuePolicy,
 		Storage:     jetstream.FileStorage,
 		Duplicates:  cfg.DedupWindow,
-		MaxMsgSize:  int32(cfg.MaxPayload + 64<<10),
+		MaxMsgSize:  int32(cfg.GroupBytes + 64<<10),
 	})
 	if err != nil {
 		return nil, errs.Unavailable("opening stream %s: %w", StreamName, err)
@@ -250,6 +289,11 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config) (*Service, err
 		s.configs.stop()
 		return nil, err
 	}
+	if err := s.listen(); err != nil {
+		s.configs.stop()
+		s.routes.stop()
+		return nil, errs.Unavailable("subscribing to %s: %w", dedupSubject, err)
+	}
 	return s, nil
 }
 
@@ -257,6 +301,9 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config) (*Service, err
 func (s *Service) Close() error {
 	s.configs.stop()
 	s.routes.stop()
+	if s.dedupSub != nil {
+		_ = s.dedupSub.Unsubscribe()
+	}
 	return nil
 }
 

@@ -13,8 +13,9 @@ import (
 	"skiff.dev/skiff/gateway/store"
 )
 
-// BenchmarkAccept measures the async accept (publish with dedup id and
-// headers, acknowledged after storage) against JetStream's own
+// BenchmarkAccept measures the async accept (group commit: concurrent
+// accepts stored as one message, each acknowledged after its group is
+// stored) against JetStream's own
 // synchronous publish on a plain stream, for both durability settings,
 // with parallel clients. It reports events/s and the p50/p99 latency.
 func BenchmarkAccept(b *testing.B) {

@@ -226,7 +226,8 @@ func matches(m *dto.Metric, labels map[string]string) bool {
 	return n == len(labels)
 }
 
-// streamMsgs returns the request ids of the events stored on subject.
+// streamMsgs returns the request ids of the events stored on subject,
+// those of batch messages included.
 func streamMsgs(t *testing.T, s *Service, subject string) []string {
 	t.Helper()
 	ctx := testCtx(t)
@@ -240,7 +241,17 @@ func streamMsgs(t *testing.T, s *Service, subject string) []string {
 		if err != nil {
 			t.Fatalf("GetMsg: %v", err)
 		}
-		out = append(out, m.Header.Get(HeaderRequestID))
+		if m.Header.Get(HeaderBatch) != "" {
+			evs, err := decodeBatch(m.Data)
+			if err != nil {
+				t.Fatalf("batch message %d: %v", m.Sequence, err)
+			}
+			for _, ev := range evs {
+				out = append(out, ev.requestID)
+			}
+		} else {
+			out = append(out, m.Header.Get(HeaderRequestID))
+		}
 		seq = m.Sequence + 1
 	}
 }

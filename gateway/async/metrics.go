@@ -15,6 +15,8 @@ type metrics struct {
 	destFailures *prometheus.CounterVec   // kind: on_success, on_failure
 	assignments  prometheus.Gauge         // poller assignments held by this gateway
 	invokeTime   *prometheus.HistogramVec // outcome
+	groupEvents  prometheus.Histogram     // accepts stored by one write (group commit)
+	batchEvents  prometheus.Histogram     // events in a batch message a poller received
 }
 
 // Outcomes of one processing of an event (label values).
@@ -58,11 +60,19 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "skiff_async_invoke_seconds", Help: "Time of the synchronous invoke of an async event, by outcome.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 4, 12),
 		}, []string{"outcome"}),
+		groupEvents: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "skiff_async_accept_group_events", Help: "Async accepts stored by one JetStream write (group commit): the group size.",
+			Buckets: prometheus.ExponentialBuckets(1, 2, 10),
+		}),
+		batchEvents: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name: "skiff_async_poller_batch_events", Help: "Events in each batch message the pollers received (single-event messages not counted).",
+			Buckets: prometheus.ExponentialBuckets(2, 2, 9),
+		}),
 	}
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.received, m.eventAge, m.outcomes, m.dropped, m.dlqErrors, m.dlqSent, m.destFailures, m.assignments, m.invokeTime} {
+	for _, c := range []prometheus.Collector{m.received, m.eventAge, m.outcomes, m.dropped, m.dlqErrors, m.dlqSent, m.destFailures, m.assignments, m.invokeTime, m.groupEvents, m.batchEvents} {
 		if err := reg.Register(c); err != nil {
 			return nil, err
 		}

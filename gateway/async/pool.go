@@ -295,8 +295,7 @@ func (p *Pool) consume(fetch context.Context, pl *poller, wg *sync.WaitGroup) er
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-sem }()
-			p.process(p.work, pl, msg)
+			p.processMsg(p.work, pl, msg, sem) // releases its slot of sem
 		}()
 	}
 }

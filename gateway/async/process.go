@@ -6,9 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"strconv"
+	"sync"
 	"time"
 
-	"github.com/nats-io/nats.go"
 	"github.com/nats-io/nats.go/jetstream"
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
@@ -69,18 +69,72 @@ func isPlatform(err error) bool {
 	return false
 }
 
-// process handles one delivery of an event.
-func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
-	s := p.s
-	ev, err := parseEvent(m)
-	if err != nil {
-		s.log.Error("dropping an unreadable async event", "queue", pl.subject, "err", err)
-		s.met.dropped.WithLabelValues("malformed").Inc()
-		if p.fenced(ctx, pl) {
-			_ = m.Term()
-		}
+// processMsg handles one delivery of a message: a single event or a batch.
+func (p *Pool) processMsg(ctx context.Context, pl *poller, m jetstream.Msg, sem chan struct{}) {
+	if m.Headers().Get(HeaderBatch) != "" {
+		p.processBatch(ctx, pl, m, sem)
 		return
 	}
+	defer func() { <-sem }()
+	ev, err := parseEvent(m)
+	if err != nil {
+		p.malformed(ctx, pl, m, err)
+		return
+	}
+	p.process(ctx, pl, singleCarrier{p: p, m: m}, ev)
+}
+
+// malformed drops an unreadable message.
+func (p *Pool) malformed(ctx context.Context, pl *poller, m jetstream.Msg, err error) {
+	p.s.log.Error("dropping an unreadable async event", "queue", pl.subject, "err", err)
+	p.s.met.dropped.WithLabelValues("malformed").Inc()
+	if p.fenced(ctx, pl) {
+		_ = m.Term()
+	}
+}
+
+// carrier is how the outcome of one event reaches JetStream: through the
+// message it came in (singleCarrier) or through its share of a batch
+// message (batchCarrier).
+type carrier interface {
+	// ack: the event is finished.
+	ack(ctx context.Context, log interface{ Warn(string, ...any) })
+	// nak: give the event back at once, untouched (the lease is lost or
+	// the pool is closing).
+	nak()
+	// nakWithDelay: run the event again (the same attempt) after d.
+	nakWithDelay(ctx context.Context, ev event, d time.Duration)
+	// delivered is how often the event was delivered (the backoff's
+	// exponent).
+	delivered() uint64
+	// inProgress tells JetStream the event is still being worked on.
+	inProgress()
+}
+
+// singleCarrier is a message holding one event.
+type singleCarrier struct {
+	p *Pool
+	m jetstream.Msg
+}
+
+func (c singleCarrier) ack(ctx context.Context, log interface{ Warn(string, ...any) }) {
+	c.p.ack(ctx, c.m, log)
+}
+func (c singleCarrier) nak() { _ = c.m.Nak() }
+func (c singleCarrier) nakWithDelay(_ context.Context, _ event, d time.Duration) {
+	_ = c.m.NakWithDelay(d)
+}
+func (c singleCarrier) inProgress() { _ = c.m.InProgress() }
+func (c singleCarrier) delivered() uint64 {
+	if md, err := c.m.Metadata(); err == nil && md.NumDelivered > 0 {
+		return md.NumDelivered
+	}
+	return 1
+}
+
+// process handles one delivery of an event.
+func (p *Pool) process(ctx context.Context, pl *poller, m carrier, ev event) {
+	s := p.s
 	log := s.log.With("request_id", ev.requestID, "function", ev.function)
 	pol := s.policyFor(ev.function)
 	now := s.now()
@@ -99,7 +153,7 @@ func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
 		if deadline.Before(due) {
 			due = deadline
 		}
-		_ = m.NakWithDelay(due.Sub(now) + time.Millisecond)
+		m.nakWithDelay(ctx, ev, due.Sub(now)+time.Millisecond)
 		return
 	}
 	s.met.eventAge.Observe(age.Seconds())
@@ -115,12 +169,12 @@ func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
 		s.met.outcomes.WithLabelValues(outcome).Inc()
 		s.met.invokeTime.WithLabelValues(outcome).Observe(time.Since(start).Seconds())
 		if ctx.Err() != nil { // the pool is closing: give the event back at once
-			_ = m.Nak()
+			m.nak()
 			return
 		}
 		d := p.platformDelay(m, err)
 		log.Debug("async invoke hit a platform error; retrying without counting an attempt", "err", err, "delay", d)
-		_ = m.NakWithDelay(d)
+		m.nakWithDelay(ctx, ev, d)
 		return
 	case err != nil && errs.IsNotFound(err):
 		// The function was deleted: its events are discarded.
@@ -152,15 +206,15 @@ func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
 		delay := s.cfg.RetryDelay << (attempts - 1)
 		log.Info("async invoke failed; retrying", "attempt", attempts, "delay", delay, "function_error", resp.GetFunctionError())
 		if !p.fenced(ctx, pl) {
-			_ = m.Nak()
+			m.nak()
 			return
 		}
 		if err := p.publishRetry(ctx, ev, attempts, s.now().Add(delay)); err != nil {
 			log.Warn("publishing the retry failed; the event comes back", "err", err)
-			_ = m.NakWithDelay(p.s.cfg.PlatformBase)
+			m.nakWithDelay(ctx, ev, p.s.cfg.PlatformBase)
 			return
 		}
-		p.ack(ctx, m, log)
+		m.ack(ctx, log)
 		return
 	}
 	s.met.outcomes.WithLabelValues(outcomeFailed).Inc()
@@ -170,7 +224,7 @@ func (p *Pool) process(ctx context.Context, pl *poller, m jetstream.Msg) {
 
 // invoke runs the event through the sync path, telling JetStream the event
 // is in progress so it is not redelivered while the function runs.
-func (p *Pool) invoke(ctx context.Context, m jetstream.Msg, ev event) (*skiffv1.InvokeResponse, error) {
+func (p *Pool) invoke(ctx context.Context, m carrier, ev event) (*skiffv1.InvokeResponse, error) {
 	done := make(chan struct{})
 	defer close(done)
 	go func() {
@@ -181,7 +235,7 @@ func (p *Pool) invoke(ctx context.Context, m jetstream.Msg, ev event) (*skiffv1.
 			case <-done:
 				return
 			case <-t.C:
-				_ = m.InProgress()
+				m.inProgress()
 			}
 		}
 	}()
@@ -191,11 +245,8 @@ func (p *Pool) invoke(ctx context.Context, m jetstream.Msg, ev event) (*skiffv1.
 // platformDelay is the backoff after a platform error: it doubles with
 // each redelivery, from PlatformBase up to PlatformMax, and is at least
 // the error's retry hint.
-func (p *Pool) platformDelay(m jetstream.Msg, err error) time.Duration {
-	n := uint64(1)
-	if md, merr := m.Metadata(); merr == nil && md.NumDelivered > 0 {
-		n = md.NumDelivered
-	}
+func (p *Pool) platformDelay(m carrier, err error) time.Duration {
+	n := max(m.delivered(), 1)
 	d := p.s.cfg.PlatformBase << min(n-1, 20)
 	d = min(d, p.s.cfg.PlatformMax)
 	var e *errs.Error
@@ -207,15 +258,15 @@ func (p *Pool) platformDelay(m jetstream.Msg, err error) time.Duration {
 
 // finish runs then (delivery of the outcome) and acknowledges the event,
 // both only while the lease is held; otherwise the event goes back.
-func (p *Pool) finish(ctx context.Context, pl *poller, m jetstream.Msg, ev event, then func()) {
+func (p *Pool) finish(ctx context.Context, pl *poller, m carrier, ev event, then func()) {
 	if !p.fenced(ctx, pl) {
-		_ = m.Nak()
+		m.nak()
 		return
 	}
 	if then != nil {
 		then()
 	}
-	p.ack(ctx, m, p.s.log.With("request_id", ev.requestID, "function", ev.function))
+	m.ack(ctx, p.s.log.With("request_id", ev.requestID, "function", ev.function))
 }
 
 // fenced reports whether pl still holds its lease (at its epoch).
@@ -244,22 +295,16 @@ func (p *Pool) ack(ctx context.Context, m jetstream.Msg, log interface{ Warn(str
 // publishRetry stores the next attempt of an event, due at notBefore. The
 // message id makes a repeated publish of the same attempt a no-op.
 func (p *Pool) publishRetry(ctx context.Context, ev event, attempt int, notBefore time.Time) error {
-	msg := &nats.Msg{
-		Subject: p.s.QueueFor(ev.function),
-		Data:    ev.payload,
-		Header: nats.Header{
-			HeaderRequestID: {ev.requestID},
-			HeaderFunction:  {ev.function},
-			HeaderAccepted:  {ev.accepted.UTC().Format(time.RFC3339Nano)},
-			HeaderAttempt:   {strconv.Itoa(attempt)},
-			HeaderDepth:     {strconv.Itoa(ev.depth)},
-			HeaderNotBefore: {strconv.FormatInt(notBefore.UnixNano(), 10)},
-		},
-	}
+	return p.republish(ctx, ev, attempt, notBefore, ev.requestID+"/"+strconv.Itoa(attempt))
+}
+
+// republish stores an event as a message of its own on its function's
+// queue, with attempt and notBefore, under a message id.
+func (p *Pool) republish(ctx context.Context, ev event, attempt int, notBefore time.Time, msgID string) error {
+	msg := singleMsg(p.s.QueueFor(ev.function), &ev, attempt, notBefore)
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
 	defer cancel()
-	_, err := p.s.js.PublishMsg(cctx, msg, jetstream.WithMsgID(ev.requestID+"/"+strconv.Itoa(attempt)))
-	if err != nil {
+	if _, err := p.s.js.PublishMsg(cctx, msg, jetstream.WithMsgID(msgID)); err != nil {
 		return publishErr(err)
 	}
 	return nil
@@ -355,4 +400,111 @@ func errorMessage(payload []byte) string {
 func errorPayload(typ, msg string) []byte {
 	b, _ := json.Marshal(map[string]string{"errorType": typ, "errorMessage": msg})
 	return b
+}
+
+// batchState is the progress of one delivery of a batch message.
+type batchState struct {
+	p *Pool
+	m jetstream.Msg
+
+	mu       sync.Mutex
+	giveBack bool          // guarded by mu: an event was given back: the whole batch goes back
+	backoff  time.Duration // guarded by mu: the delay of that give-back
+}
+
+// batchCarrier is one event's share of a batch message: finishing it is
+// recorded; putting it back with a delay hands it on as a message of its
+// own; giving it back at once gives the whole batch back.
+type batchCarrier struct{ b *batchState }
+
+func (c batchCarrier) ack(context.Context, interface{ Warn(string, ...any) }) {}
+func (c batchCarrier) nak()                                                   { c.b.back(0) }
+func (c batchCarrier) delivered() uint64                                      { return 1 }
+func (c batchCarrier) inProgress()                                            {} // processBatch signals for the whole batch
+
+// nakWithDelay hands the event on: a message of its own, due after d, with
+// the same attempt count. Its message id makes a second hand-off of the
+// same event (after the batch was redelivered) a no-op within the dedup
+// window. If the publish fails the batch goes back.
+func (c batchCarrier) nakWithDelay(ctx context.Context, ev event, d time.Duration) {
+	p := c.b.p
+	err := p.republish(ctx, ev, ev.attempt, p.s.now().Add(d), ev.requestID+"/"+strconv.Itoa(ev.attempt)+"h")
+	if err != nil {
+		p.s.log.Warn("handing an event of a batch on failed; the batch comes back", "request_id", ev.requestID, "err", err)
+		c.b.back(p.s.cfg.PlatformBase)
+	}
+}
+
+func (b *batchState) back(d time.Duration) {
+	b.mu.Lock()
+	b.giveBack = true
+	b.backoff = max(b.backoff, d)
+	b.mu.Unlock()
+}
+
+// processBatch handles one delivery of a batch message: each event as a
+// single one would be (holding a slot of sem while it runs; the message's
+// own slot is the first event's), then the message is acknowledged if
+// every event finished or was handed on, else given back whole.
+func (p *Pool) processBatch(ctx context.Context, pl *poller, m jetstream.Msg, sem chan struct{}) {
+	evs, err := decodeBatch(m.Data())
+	if err != nil {
+		<-sem
+		p.malformed(ctx, pl, m, err)
+		return
+	}
+	p.s.met.batchEvents.Observe(float64(len(evs)))
+	b := &batchState{p: p, m: m}
+	stopTicks := make(chan struct{})
+	go func() {
+		t := time.NewTicker(p.s.cfg.AckWait / 3)
+		defer t.Stop()
+		for {
+			select {
+			case <-stopTicks:
+				return
+			case <-t.C:
+				_ = m.InProgress()
+			}
+		}
+	}()
+	var wg sync.WaitGroup
+	for i, ev := range evs {
+		if i > 0 {
+			acquired := false
+			select {
+			case sem <- struct{}{}:
+				acquired = true
+			case <-ctx.Done():
+			}
+			if ctx.Err() != nil {
+				// The pool is closing: the events not started go back
+				// with the batch.
+				if acquired {
+					<-sem
+				}
+				b.back(0)
+				break
+			}
+		}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			p.process(ctx, pl, batchCarrier{b}, ev)
+		})
+	}
+	wg.Wait()
+	close(stopTicks)
+	b.mu.Lock()
+	giveBack, backoff := b.giveBack, b.backoff
+	b.mu.Unlock()
+	switch {
+	case giveBack && backoff > 0:
+		_ = m.NakWithDelay(backoff)
+	case giveBack:
+		_ = m.Nak()
+	case p.fenced(ctx, pl):
+		p.ack(ctx, m, p.s.log.With("queue", pl.subject, "batch_events", len(evs)))
+	default:
+		_ = m.Nak()
+	}
 }

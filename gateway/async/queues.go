@@ -49,8 +49,9 @@ type QueueStats struct {
 	// Routed reports whether new events of Function go to this dedicated
 	// queue.
 	Routed bool
-	// Backlog is the events stored and not yet acknowledged: waiting,
-	// delayed for a retry or being invoked.
+	// Backlog is the messages stored and not yet acknowledged: waiting,
+	// delayed for a retry or being invoked. A batch message (a group of
+	// accepts, batch.go) counts once however many events it holds.
 	Backlog uint64
 	// InFlight is the part of Backlog delivered to a poller and not yet
 	// acknowledged (including events waiting for a retry).
