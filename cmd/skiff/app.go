@@ -112,6 +112,7 @@ Start a single-machine server with 'skiff dev', then manage functions with
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageErr(c, err) })
 	root.AddCommand(
 		a.devCmd(),
+		a.agentCmd(),
 		a.fnCmd(),
 		a.invokeCmd(),
 		a.logsCmd(),
@@ -120,6 +121,10 @@ Start a single-machine server with 'skiff dev', then manage functions with
 		a.queueCmd(),
 		a.streamCmd(),
 		a.esmCmd(),
+		a.caCmd(),
+		a.tokenCmd(),
+		a.clusterCmd(),
+		a.sandboxesCmd(),
 		a.versionCmd(),
 	)
 	return root

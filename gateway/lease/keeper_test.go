@@ -412,3 +412,42 @@ func TestKeeperReclaimsPreviousIncarnation(t *testing.T) {
 		t.Fatalf("second tick: gained %v lost %v, want nothing", views(g), views(l))
 	}
 }
+
+// TestKeeperTakesOverDeadHolder: a holder reported dead (gossip's failure
+// detection) loses its live slots to another keeper at once, with a new
+// epoch that fences it; holders not reported dead keep theirs.
+func TestKeeperTakesOverDeadHolder(t *testing.T) {
+	e := newEnv(t)
+	sa := newService(t, e.js, e.clk, nil)
+	dead := map[string]bool{}
+	var mu sync.Mutex
+	sb, err := New(testCtx(t), e.js, Config{Now: e.clk.Now, Dead: func(h string) bool {
+		mu.Lock()
+		defer mu.Unlock()
+		return dead[h]
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSetDesired(t, sa, "async:q", 1)
+	ra, rb := newRecorder(), newRecorder()
+	ka, kb := ra.keeper(sa, "gw-a/async", 4, nil), rb.keeper(sb, "gw-b/async", 4, nil)
+	mustTick(t, ka)
+	gained, _ := ra.take()
+	if len(gained) != 1 {
+		t.Fatalf("a gained %v", views(gained))
+	}
+	mustTick(t, kb)
+	if g, _ := rb.take(); len(g) != 0 {
+		t.Fatalf("b took %v from a live holder", views(g))
+	}
+	mu.Lock()
+	dead["gw-a/async"] = true
+	mu.Unlock()
+	mustTick(t, kb) // no clock advance: a's slot has not expired
+	g, _ := rb.take()
+	if len(g) != 1 || g[0].Epoch <= gained[0].Epoch {
+		t.Fatalf("b after a was reported dead: gained %v, want a's slot with a higher epoch", views(g))
+	}
+	wantLost(t, "a's Check after the takeover", sa.Check(testCtx(t), gained[0]))
+}

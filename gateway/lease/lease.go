@@ -85,6 +85,11 @@ type Config struct {
 	// Interval is a Keeper's heartbeat and acquisition period; 0 means
 	// Expiry/3. It must be shorter than Expiry.
 	Interval time.Duration
+	// Dead, when set, reports a holder known to be dead (for example its
+	// gateway failed gossip's failure detection): its slots are taken
+	// over at once instead of after their expiry. The new epoch fences
+	// the holder should it be alive after all.
+	Dead func(holder string) bool
 	// Now is the clock; nil means time.Now.
 	Now func() time.Time
 	// Logger receives the service's logs; nil discards them.
@@ -368,11 +373,12 @@ func (s *Service) acquireOne(ctx context.Context, sn *snapshot, r string, slots 
 			// epoch it had.
 			rev, epoch = prev.revision, prev.revision+1
 		case exists:
-			if !prev.lease.Free(now) {
+			dead := !prev.lease.Free(now) && prev.lease.Holder != holder && s.cfg.Dead != nil && s.cfg.Dead(prev.lease.Holder)
+			if !prev.lease.Free(now) && !dead {
 				continue
 			}
 			rev, epoch = prev.revision, prev.lease.Epoch+1
-			if !now.Before(prev.lease.Expires) {
+			if dead || !now.Before(prev.lease.Expires) {
 				prevHolder = prev.lease.Holder
 			}
 		}

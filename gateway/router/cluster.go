@@ -119,7 +119,9 @@ func (r lockedRand) IntN(n int) int {
 	return r.c.rng.IntN(n)
 }
 
-// Invoke places req on an agent and runs it there. A host that refuses
+// Invoke places req on an agent and runs it there (it sets req.WarmOnly
+// for a warm placement: the agent refuses when the gossiped warm sandbox
+// is gone, and the invocation is placed again). A host that refuses
 // (draining, full) or cannot be reached is excluded and the invocation
 // placed again, up to Attempts hosts; a host lost while the invocation
 // ran on it fails the invocation with Unavailable naming the host (the
@@ -134,8 +136,11 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		SkipWarm: map[string]bool{},
 	}
 	var last error
-	for attempt := 0; attempt < c.cfg.Attempts; attempt++ {
+	for attempt, tries := 0, 0; attempt < c.cfg.Attempts; tries++ {
 		hosts, byName := c.agents()
+		if tries > len(hosts)+c.cfg.Attempts {
+			break // warm claims that all missed: bounded by the hosts
+		}
 		if len(hosts) == 0 {
 			return nil, errs.Unavailable("no agent is alive in the cluster").WithReason("no_agents")
 		}
@@ -148,6 +153,7 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		}
 		c.m.placements.WithLabelValues(d.Rule).Inc()
 		host := byName[d.Host]
+		req.WarmOnly = d.Warm
 		resp, err := c.client(host.Tags.RPCAddr).Invoke(ctx, connect.NewRequest(req))
 		if err == nil {
 			return resp.Msg, nil
@@ -159,6 +165,13 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		conv := errs.FromConnect(err)
 		errors.As(conv, &e)
 		switch {
+		case e != nil && e.Reason == "no_warm_sandbox":
+			// The gossiped view was stale: place again, cold on this host
+			// if it is still the best. A miss does not use an attempt.
+			c.m.refusals.WithLabelValues(e.Reason).Inc()
+			preq.SkipWarm[d.Host] = true
+			last = conv
+			continue
 		case e != nil && (e.Reason == "draining" || e.Reason == "host_full"):
 			c.m.refusals.WithLabelValues(e.Reason).Inc()
 			c.log.Debug("agent refused a placement", "host", d.Host, "reason", e.Reason)
@@ -178,6 +191,10 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		default:
 			return nil, conv
 		}
+		attempt++
+	}
+	if last == nil {
+		last = errs.Unavailable("no agent could take the invocation").WithReason("no_agents")
 	}
 	return nil, last
 }

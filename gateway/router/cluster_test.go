@@ -208,3 +208,39 @@ func TestClusterRetireBroadcast(t *testing.T) {
 		t.Fatalf("retires a=%d b=%d c(dead)=%d, want 1 1 0", agents["a"].retires, agents["b"].retires, agents["c"].retires)
 	}
 }
+
+// warmAgent refuses warm-only requests (its warm sandbox is gone) and
+// runs cold ones.
+type warmAgent struct {
+	hostAgent
+	warmOnly []bool
+}
+
+func (a *warmAgent) Invoke(ctx context.Context, req *connect.Request[skiffv1.AgentInvokeRequest]) (*connect.Response[skiffv1.AgentInvokeResponse], error) {
+	a.mu.Lock()
+	a.warmOnly = append(a.warmOnly, req.Msg.GetWarmOnly())
+	a.mu.Unlock()
+	if req.Msg.GetWarmOnly() {
+		return nil, errs.ToConnect(errs.New(errs.KindFailedPrecondition, "no idle sandbox").WithReason("no_warm_sandbox"))
+	}
+	return a.hostAgent.Invoke(ctx, req)
+}
+
+// TestClusterStaleWarmView: the gossiped warm sandbox is gone when the
+// claim arrives; the invocation is placed again as a cold start, and the
+// miss does not use up an attempt.
+func TestClusterStaleWarmView(t *testing.T) {
+	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, map[string]int{"k1": 1})}}
+	a := &warmAgent{hostAgent: hostAgent{name: "a"}}
+	c, err := NewCluster(ClusterConfig{Members: members, Attempts: 1, Dial: func(string) Agent { return a }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := c.Invoke(context.Background(), invokeReq("k1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(resp.Payload) != "a" || len(a.warmOnly) != 2 || !a.warmOnly[0] || a.warmOnly[1] {
+		t.Fatalf("ran on %s with warm-only flags %v, want a warm claim refused then a cold start on a", resp.Payload, a.warmOnly)
+	}
+}

@@ -31,6 +31,7 @@ import (
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
 	"skiff.dev/skiff/gateway/async"
+	"skiff.dev/skiff/gateway/budget"
 	"skiff.dev/skiff/gateway/destinations"
 	"skiff.dev/skiff/gateway/esm"
 	"skiff.dev/skiff/gateway/frontend"
@@ -83,6 +84,16 @@ type Config struct {
 	AsyncRetryDelay time.Duration
 	// Workers builds the worker manager once storage is open (required).
 	Workers func(ctx context.Context, st *store.Store, reg prometheus.Registerer) (Workers, error)
+	// HolderDead, when set, reports a lease holder whose gateway is known
+	// to be dead (gossip): its pollers' leases are taken over at once.
+	HolderDead func(holder string) bool
+	// SharedLimits makes concurrency limits exact across every gateway of
+	// the storage (gateway/budget: leased shares); off for a gateway that
+	// is alone (`skiff dev`).
+	SharedLimits bool
+	// Cluster, when set, builds the ClusterService served on the API
+	// listener (admin keys; Join needs none).
+	Cluster func(ctx context.Context, st *store.Store) (skiffv1connect.ClusterServiceHandler, error)
 	// Mount, when set, adds handlers to the API listener once everything
 	// is built (the cluster's services).
 	Mount  func(mux *http.ServeMux, p Parts) error
@@ -159,7 +170,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return fmt.Errorf("starting async invoke: %w", err)
 	}
 	defer func() { err = errors.Join(err, asyncSvc.Close()) }()
-	leases, err := lease.New(ctx, js, lease.Config{Registry: reg, Logger: log.With("component", "lease")})
+	leases, err := lease.New(ctx, js, lease.Config{Registry: reg, Logger: log.With("component", "lease"), Dead: cfg.HolderDead})
 	if err != nil {
 		return fmt.Errorf("starting the leasing service: %w", err)
 	}
@@ -184,7 +195,21 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}
 	defer func() { err = errors.Join(err, kin.Close()) }()
 
+	var budgets *budget.Service
+	if cfg.SharedLimits {
+		if budgets, err = budget.New(ctx, js, cfg.Name, budget.Config{Registry: reg, Logger: log}); err != nil {
+			return fmt.Errorf("starting concurrency budgets: %w", err)
+		}
+	}
+	var clusterSvc skiffv1connect.ClusterServiceHandler
+	if cfg.Cluster != nil {
+		if clusterSvc, err = cfg.Cluster(ctx, st); err != nil {
+			return fmt.Errorf("starting the cluster service: %w", err)
+		}
+	}
 	fe, err := frontend.New(frontend.Config{
+		Cluster:      clusterSvc,
+		Budget:       frontendBudget(budgets),
 		ValidateCode: validateCode,
 		Async:        asyncSvc,
 		Destinations: dests,
@@ -205,13 +230,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return fmt.Errorf("starting event source mappings: %w", err)
 	}
 	defer func() { err = errors.Join(err, esmSvc.Close()) }()
-	// Shard leases expire sooner than the pollers' (heartbeats every
-	// 0.5 s): another gateway takes a dead one's shards over within 2 s.
-	shardLeases, err := lease.New(ctx, js, lease.Config{Expiry: shardLeaseExpiry, Registry: reg, Logger: log.With("component", "lease")})
-	if err != nil {
-		return fmt.Errorf("starting the leasing service for shards: %w", err)
-	}
-	streamSvc, err := streams.New(ctx, js, streams.Config{Registry: reg, Logger: log.With("component", "streams")}, kin, fe, dests, shardLeases, holder+"/streams")
+	streamSvc, err := streams.New(ctx, js, streams.Config{Registry: reg, Logger: log.With("component", "streams")}, kin, fe, dests, leases, holder+"/streams")
 	if err != nil {
 		return fmt.Errorf("starting the stream tracker: %w", err)
 	}
@@ -232,6 +251,9 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	bg.Go(func() error { return esmSvc.Run(bgCtx) })
 	bg.Go(func() error { return streamSvc.Run(bgCtx) })
 	bg.Go(func() error { return leases.RunSweeper(bgCtx, time.Second) })
+	if budgets != nil {
+		bg.Go(func() error { return budgets.Run(bgCtx) })
+	}
 	background := func(fn func(ctx context.Context) error) { bg.Go(func() error { return fn(bgCtx) }) }
 	defer func() {
 		stopBG()
@@ -296,6 +318,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	return srv.Shutdown(sctx)
 }
 
+// frontendBudget is b as the front end's Budget, nil when b is (a nil
+// *budget.Service must not become a non-nil interface).
+func frontendBudget(b *budget.Service) frontend.Budget {
+	if b == nil {
+		return nil
+	}
+	return b
+}
+
 // functionExists adapts the store to the event source mappings' check.
 type functionExists struct{ st *store.Store }
 
@@ -303,10 +334,6 @@ func (f functionExists) Exists(ctx context.Context, name string) error {
 	_, err := f.st.GetFunction(ctx, name)
 	return err
 }
-
-// shardLeaseExpiry is how long a stream shard lease outlives its last
-// heartbeat.
-const shardLeaseExpiry = 1500 * time.Millisecond
 
 // HostID names a process among pollers and lease holders by its host and
 // data dir: stable across restarts (the store's lock on the data dir, or
