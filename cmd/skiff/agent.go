@@ -89,7 +89,7 @@ func (a *app) agentCmd() *cobra.Command {
 				}
 			}
 			if keyFile != "" {
-				key, err := agentserver.ReadGossipKey(keyFile)
+				key, err := gossip.ReadKeyFile(keyFile)
 				if err != nil {
 					return usageErr(c, err)
 				}

@@ -1,4 +1,4 @@
-package agentserver
+package gossip
 
 import (
 	"bytes"
@@ -13,11 +13,11 @@ import (
 // maxKeyFile bounds the gossip key file.
 const maxKeyFile = 4096
 
-// ReadGossipKey reads the cluster's gossip key from path: 16, 24 or 32 raw
+// ReadKeyFile reads the cluster's gossip key (Config.Key) from path: 16, 24 or 32 raw
 // bytes (AES-128/192/256), or those bytes in standard base64 (surrounding
 // whitespace ignored). Content that decodes as base64 to a valid key
 // length is taken as base64. The key itself never appears in errors.
-func ReadGossipKey(path string) ([]byte, error) {
+func ReadKeyFile(path string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, errs.Invalid("gossip_key_file", "reading the gossip key: %v", err)
@@ -30,12 +30,12 @@ func ReadGossipKey(path string) ([]byte, error) {
 	if len(b) > maxKeyFile {
 		return nil, errs.Invalid("gossip_key_file", "gossip key file %s is larger than %d bytes", path, maxKeyFile)
 	}
-	return ParseGossipKey(b, path)
+	return ParseKey(b, path)
 }
 
-// ParseGossipKey is ReadGossipKey on the file's content; name is for
+// ParseKey is ReadKeyFile on the file's content; name is for
 // errors.
-func ParseGossipKey(b []byte, name string) ([]byte, error) {
+func ParseKey(b []byte, name string) ([]byte, error) {
 	if t := bytes.TrimSpace(b); len(t) > 0 {
 		dec := make([]byte, base64.StdEncoding.DecodedLen(len(t)))
 		if k, err := base64.StdEncoding.Decode(dec, t); err == nil && validKeyLen(k) {
