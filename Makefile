@@ -11,6 +11,10 @@ TEST_TIMEOUT ?= 25m
 
 export CGO_ENABLED ?= 0
 
+# nats-server for the multi-host tests (a 3-node cluster of real
+# processes), at the version go.mod pins.
+NATS_SERVER := $(TOOLS)/nats-server
+
 .PHONY: all build run test test-short bench generate check-generate lint tools clean
 
 all: build
@@ -24,7 +28,7 @@ run: build
 
 # Everything, including privileged tests (namespaces, cgroups, seccomp):
 # SKIFF_PRIVILEGED_TESTS=1 makes them fail rather than skip when not root.
-test:
+test: $(NATS_SERVER)
 	SKIFF_PRIVILEGED_TESTS=1 CGO_ENABLED=1 $(GOTEST) -race -count=1 -timeout $(TEST_TIMEOUT) ./...
 
 test-short:
@@ -34,7 +38,7 @@ bench: build
 	GOBIN=$(TOOLS) $(GO) install github.com/aws/aws-lambda-runtime-interface-emulator/cmd/aws-lambda-rie@v0.0.0-20261030222936-bef5c4ba774d
 	$(GO) run ./bench -out docs/benchmarks.md
 
-tools:
+tools: $(NATS_SERVER)
 	cd tools && $(GO) build -o $(TOOLS)/ github.com/bufbuild/buf/cmd/buf google.golang.org/protobuf/cmd/protoc-gen-go connectrpc.com/connect/cmd/protoc-gen-connect-go honnef.co/go/tools/cmd/staticcheck
 
 # The eBPF objects need clang and llvm-strip: installed from Debian when
@@ -56,6 +60,9 @@ lint: tools
 	$(GO) vet ./...
 	$(TOOLS)/staticcheck ./...
 	cd api && PATH=$(TOOLS):$$PATH buf lint
+
+$(NATS_SERVER):
+	GOBIN=$(TOOLS) CGO_ENABLED=0 $(GO) install github.com/nats-io/nats-server/v2@$$($(GO) list -m -f '{{.Version}}' github.com/nats-io/nats-server/v2)
 
 clean:
 	rm -rf $(BIN)

@@ -40,7 +40,6 @@ func (s *Store) logStreamConfig() jetstream.StreamConfig {
 		MaxAge:      s.cfg.LogMaxAge,
 		MaxBytes:    s.cfg.LogMaxBytes,
 		Storage:     jetstream.FileStorage,
-		Replicas:    1,
 		AllowDirect: true,
 	}
 }

@@ -1,10 +1,16 @@
-// Package store is the gateway's storage: an embedded NATS server with
-// JetStream, reached in-process (no TCP listener unless Config.ListenAddr
-// asks for one), and the buckets and streams the gateway keeps in it.
+// Package store is the gateway's storage: NATS JetStream, and the buckets
+// and streams the gateway keeps in it. By default the NATS server is
+// embedded and reached in-process (no TCP listener unless
+// Config.ListenAddr asks for one); with Config.URLs the store connects to
+// an external NATS cluster instead, shared by every gateway, and
+// everything it creates is replicated (Config.Replicas, R3 by default).
 //
 // One file per concern:
 //
 //   - store.go: Config, Open and Close, the embedded server.
+//   - external.go: the external cluster: URLs, credentials, TLS,
+//     reconnects, and the JetStream handle that gives every stream, KV
+//     bucket and object store created through it the replica count.
 //   - watch.go: the KV watcher that keeps the in-memory caches current.
 //   - functions.go: function metadata, KV bucket "functions", key = function
 //     name, value = a proto-marshalled skiffv1.Function; reads come from a
@@ -21,8 +27,9 @@
 // updates from one revision exactly one wins and the other gets
 // errs.Conflict.
 //
-// Everything lives in files under Config.DataDir ("<DataDir>/nats"); Open
-// on an existing directory reopens it.
+// Embedded, everything lives in files under Config.DataDir
+// ("<DataDir>/nats"); Open on an existing directory reopens it. External,
+// the cluster keeps the data and DataDir is not used.
 package store
 
 import (
@@ -33,6 +40,7 @@ import (
 	"net"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -62,8 +70,24 @@ const readyTimeout = 10 * time.Second
 
 // Config configures a Store.
 type Config struct {
-	// DataDir holds everything the store keeps (under DataDir/nats). Required.
+	// DataDir holds everything the embedded server keeps (under
+	// DataDir/nats). Required unless URLs is set; unused with URLs.
 	DataDir string
+	// URLs, when set, are the servers of an external NATS cluster
+	// (nats://host:port or tls://host:port, see ParseURLs) to connect to
+	// instead of embedding a server. The connection reconnects forever
+	// with backoff; Open fails when no server answers at all.
+	URLs []string
+	// Auth authenticates to the external cluster; never logged.
+	Auth Auth
+	// TLS are the PEM files for TLS to the external cluster. A CA file or
+	// a client certificate makes the connection require TLS.
+	TLS TLSFiles
+	// Replicas is the replica count of every stream, KV bucket and object
+	// store created through the store (its own and those of JetStream()
+	// callers that leave Replicas at 0): 0 means DefaultExternalReplicas
+	// (3) with URLs, and 1 embedded, where it can only be 1.
+	Replicas int
 	// Logger receives the store's and the embedded server's logs; nil
 	// discards them.
 	Logger *slog.Logger
@@ -72,12 +96,15 @@ type Config struct {
 	// LogMaxBytes caps the total size of the log stream (the oldest entries
 	// go first); 0 means DefaultLogMaxBytes.
 	LogMaxBytes int64
-	// SyncAlways makes JetStream fsync every write (sync_interval
-	// "always"); false keeps the engine default (writes reach the OS at
-	// once and survive a process kill; fsync is periodic).
+	// SyncAlways makes the embedded JetStream fsync every write
+	// (sync_interval "always"); false keeps the engine default (writes
+	// reach the OS at once and survive a process kill; fsync is
+	// periodic). An external cluster's servers have their own setting, and
+	// SyncAlways is ignored there.
 	SyncAlways bool
 	// ListenAddr, when set ("127.0.0.1:4222"), also opens a NATS client
-	// listener; empty means in-process connections only.
+	// listener on the embedded server; empty means in-process connections
+	// only. Not allowed with URLs.
 	ListenAddr string
 	// Now is the clock (log entries without a time get Now()); nil means
 	// time.Now.
@@ -85,14 +112,26 @@ type Config struct {
 }
 
 func (c *Config) validate() error {
-	if c.DataDir == "" {
-		return errs.Invalid("data_dir", "store data dir is required")
-	}
 	if c.LogMaxAge < 0 {
 		return errs.Invalid("log_max_age", "log max age %v is negative", c.LogMaxAge)
 	}
 	if c.LogMaxBytes < 0 {
 		return errs.Invalid("log_max_bytes", "log max bytes %d is negative", c.LogMaxBytes)
+	}
+	if len(c.URLs) > 0 {
+		return c.validateExternal()
+	}
+	if c.DataDir == "" {
+		return errs.Invalid("data_dir", "store data dir is required (or nats urls of an external cluster)")
+	}
+	if c.Replicas < 0 || c.Replicas > 1 {
+		return errs.Invalid("replicas", "replicas %d: the embedded nats server is one node, so only 1 (use an external cluster for more)", c.Replicas)
+	}
+	if !c.Auth.empty() {
+		return errs.Invalid("auth", "nats credentials are for an external cluster (urls), not the embedded server")
+	}
+	if !c.TLS.empty() {
+		return errs.Invalid("tls", "nats tls files are for an external cluster (urls), not the embedded server")
 	}
 	if c.ListenAddr != "" {
 		if _, _, err := splitHostPort(c.ListenAddr); err != nil {
@@ -114,6 +153,12 @@ func (c *Config) setDefaults() {
 	}
 	if c.Now == nil {
 		c.Now = time.Now
+	}
+	if c.Replicas == 0 {
+		c.Replicas = 1
+		if len(c.URLs) > 0 {
+			c.Replicas = DefaultExternalReplicas
+		}
 	}
 }
 
@@ -153,15 +198,24 @@ type Store struct {
 	closeErr  error
 }
 
-// Open starts the embedded server on cfg.DataDir, connects to it in-process
-// and creates (or reopens) the buckets and the log stream. It returns once
-// the caches hold everything already stored.
+// Open starts the embedded server on cfg.DataDir and connects to it
+// in-process, or connects to the external cluster of cfg.URLs, and creates
+// (or reopens) the buckets and the log stream. It returns once the caches
+// hold everything already stored.
 func Open(ctx context.Context, cfg Config) (*Store, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, err
 	}
 	cfg.setDefaults()
 	s := &Store{cfg: cfg, log: cfg.Logger.With("component", "store"), fns: newFunctionCache(), keys: newKeyIndex()}
+	if len(cfg.URLs) > 0 {
+		if err := s.attach(ctx); err != nil {
+			s.shutdown(false)
+			return nil, err
+		}
+		s.log.Info("store open", "nats", strings.Join(cfg.URLs, ","), "server", s.nc.ConnectedServerName(), "replicas", cfg.Replicas)
+		return s, nil
+	}
 	unlock, err := lockDataDir(cfg.DataDir)
 	if err != nil {
 		return nil, err
@@ -209,47 +263,72 @@ func (s *Store) start(ctx context.Context) error {
 	return nil
 }
 
-// attach connects to s.srv in-process, creates or opens the buckets and
-// the log stream and loads the caches.
+// attach connects to s.srv in-process (or to the external cluster),
+// creates or opens the buckets and the log stream and loads the caches.
 func (s *Store) attach(ctx context.Context) error {
 	var err error
-	s.nc, err = nats.Connect("", nats.InProcessServer(s.srv), nats.Name("skiff-gateway-store"))
-	if err != nil {
-		return errs.Unavailable("connecting to embedded nats server: %w", err)
+	if len(s.cfg.URLs) > 0 {
+		s.nc, err = s.connectExternal()
+		if err != nil {
+			return err
+		}
+	} else {
+		s.nc, err = nats.Connect("", nats.InProcessServer(s.srv), nats.Name("skiff-gateway-store"))
+		if err != nil {
+			return errs.Unavailable("connecting to embedded nats server: %w", err)
+		}
 	}
-	s.js, err = jetstream.New(s.nc)
+	js, err := jetstream.New(s.nc)
 	if err != nil {
 		return errs.Internal("opening jetstream: %w", err)
 	}
-	s.functionsKV, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      bucketFunctions,
-		Description: "skiff function metadata",
-		History:     1,
-		Storage:     jetstream.FileStorage,
+	s.js = replicated{JetStream: js, replicas: s.cfg.Replicas}
+	err = s.setup(ctx, func(ctx context.Context) (err error) {
+		s.functionsKV, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      bucketFunctions,
+			Description: "skiff function metadata",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+		})
+		return err
 	})
 	if err != nil {
-		return errs.Internal("opening kv bucket %s: %w", bucketFunctions, err)
+		return s.setupErr(err, "opening kv bucket %s", bucketFunctions)
 	}
-	s.keysKV, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
-		Bucket:      bucketKeys,
-		Description: "skiff api keys (secret hashes only)",
-		History:     1,
-		Storage:     jetstream.FileStorage,
+	err = s.setup(ctx, func(ctx context.Context) (err error) {
+		s.keysKV, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
+			Bucket:      bucketKeys,
+			Description: "skiff api keys (secret hashes only)",
+			History:     1,
+			Storage:     jetstream.FileStorage,
+		})
+		return err
 	})
 	if err != nil {
-		return errs.Internal("opening kv bucket %s: %w", bucketKeys, err)
+		return s.setupErr(err, "opening kv bucket %s", bucketKeys)
 	}
-	s.code, err = s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
-		Bucket:      bucketCode,
-		Description: "skiff code archives by sha256",
-		Storage:     jetstream.FileStorage,
+	err = s.setup(ctx, func(ctx context.Context) (err error) {
+		s.code, err = s.js.CreateOrUpdateObjectStore(ctx, jetstream.ObjectStoreConfig{
+			Bucket:      bucketCode,
+			Description: "skiff code archives by sha256",
+			Storage:     jetstream.FileStorage,
+		})
+		return err
 	})
 	if err != nil {
-		return errs.Internal("opening object store %s: %w", bucketCode, err)
+		return s.setupErr(err, "opening object store %s", bucketCode)
 	}
-	s.logs, err = s.js.CreateOrUpdateStream(ctx, s.logStreamConfig())
+	err = s.setup(ctx, func(ctx context.Context) (err error) {
+		s.logs, err = s.js.CreateOrUpdateStream(ctx, s.logStreamConfig())
+		return err
+	})
 	if err != nil {
-		return errs.Internal("opening stream %s: %w", streamLogs, err)
+		return s.setupErr(err, "opening stream %s", streamLogs)
+	}
+	if len(s.cfg.URLs) > 0 {
+		if err := s.setup(ctx, s.probe); err != nil {
+			return s.setupErr(err, "reading the new buckets")
+		}
 	}
 	fw, err := s.watch(ctx, s.functionsKV, s.fns.applyEntry)
 	if err != nil {
@@ -264,9 +343,61 @@ func (s *Store) attach(ctx context.Context) error {
 	return nil
 }
 
+// probe reads a missing entry from every bucket and stream: on a cluster,
+// a new stream's replicas answer direct reads only a moment after it is
+// created, and Open returns once they do.
+func (s *Store) probe(ctx context.Context) error {
+	const missing = "skiff-probe"
+	for _, kv := range []jetstream.KeyValue{s.functionsKV, s.keysKV} {
+		if _, err := kv.Get(ctx, missing); !errors.Is(err, jetstream.ErrKeyNotFound) {
+			return err
+		}
+	}
+	if _, err := s.code.GetInfo(ctx, missing); !errors.Is(err, jetstream.ErrObjectNotFound) {
+		return err
+	}
+	if _, err := s.logs.GetLastMsgForSubject(ctx, logSubject(missing)); !errors.Is(err, jetstream.ErrMsgNotFound) {
+		return err
+	}
+	return nil
+}
+
 // JetStream returns the JetStream handle, for streams and buckets that
-// later components own.
+// later components own. Streams, KV buckets and object stores created or
+// updated through it with Replicas 0 get Replicas().
 func (s *Store) JetStream() jetstream.JetStream { return s.js }
+
+// Replicas is the replica count the store gives what it creates: 1
+// embedded, Config.Replicas (3 by default) on an external cluster.
+func (s *Store) Replicas() int { return s.cfg.Replicas }
+
+// tooFewPeers are the JetStream error codes of a replica count the cluster
+// cannot place: no suitable peers (10005), insufficient resources (10023),
+// replicas on a server that is not clustered (10074).
+func tooFewPeers(code jetstream.ErrorCode) bool {
+	return code == 10005 || code == 10023 || code == 10074
+}
+
+// setupErr reports a failure to create the store's own buckets: with a
+// hint when the cluster has too few servers for the replica count, or no
+// JetStream at all.
+func (s *Store) setupErr(err error, format string, args ...any) error {
+	what := fmt.Sprintf(format, args...)
+	if len(s.cfg.URLs) == 0 {
+		return errs.Internal("%s: %w", what, err)
+	}
+	var jsErr jetstream.JetStreamError
+	switch {
+	case errors.Is(err, nats.ErrNoResponders) || errors.Is(err, jetstream.ErrJetStreamNotEnabled) || errors.Is(err, jetstream.ErrJetStreamNotEnabledForAccount):
+		return errs.New(errs.KindFailedPrecondition, "%s: no JetStream on nats cluster %s for this account (enable jetstream on every server): %w", what, strings.Join(s.cfg.URLs, ","), err)
+	case errors.As(err, &jsErr) && jsErr.APIError() != nil && tooFewPeers(jsErr.APIError().ErrorCode):
+		return errs.New(errs.KindFailedPrecondition, "%s with %d replicas: %w (the cluster needs at least %d JetStream servers; lower replicas otherwise)", what, s.cfg.Replicas, err, s.cfg.Replicas)
+	}
+	if e := ctxErr(err); e != nil {
+		return errs.New(errs.KindOf(e), "%s: %w", what, err)
+	}
+	return errs.Unavailable("%s on nats cluster %s: %w", what, strings.Join(s.cfg.URLs, ","), err)
+}
 
 // Close stops the watchers, drains the connection and shuts the embedded
 // server down (JetStream flushes its files). It is safe to call twice.
