@@ -11,6 +11,8 @@ import (
 
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
+
+	"skiff.dev/skiff/internal/gatewayserver"
 )
 
 // deps is what the command tree takes from the process. main uses
@@ -23,6 +25,8 @@ type deps struct {
 	isTerminal func(io.Writer) bool
 	// devRun runs `skiff dev` until ctx ends.
 	devRun func(context.Context, devConfig) error
+	// gatewayRun runs `skiff gateway` until ctx ends.
+	gatewayRun func(context.Context, gatewayserver.ClusterConfig) error
 	// streamPoll is how long `stream get --follow` waits after a round
 	// of reads that found nothing new (0: defaultStreamPoll).
 	streamPoll time.Duration
@@ -35,6 +39,7 @@ func defaultDeps() deps {
 		homeDir:    os.UserHomeDir,
 		isTerminal: isTerminal,
 		devRun:     runDevServer,
+		gatewayRun: runGateway,
 		streamPoll: defaultStreamPoll,
 	}
 }
@@ -112,6 +117,7 @@ Start a single-machine server with 'skiff dev', then manage functions with
 	root.SetFlagErrorFunc(func(c *cobra.Command, err error) error { return usageErr(c, err) })
 	root.AddCommand(
 		a.devCmd(),
+		a.gatewayCmd(),
 		a.agentCmd(),
 		a.fnCmd(),
 		a.invokeCmd(),

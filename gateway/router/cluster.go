@@ -48,9 +48,59 @@ type Cluster struct {
 	log *slog.Logger
 	m   *clusterMetrics
 
-	mu      sync.Mutex
-	clients map[string]Agent // by RPC address; guarded by mu
-	rng     *rand.Rand       // guarded by mu
+	mu       sync.Mutex
+	clients  map[string]Agent                                 // by RPC address; guarded by mu
+	rng      *rand.Rand                                       // guarded by mu
+	inflight map[string]map[*context.CancelCauseFunc]struct{} // by host; guarded by mu
+}
+
+// errHostFailed is the cancellation cause of invocations on a host the
+// failure detector declared dead.
+type errHostFailed struct{ host string }
+
+func (e errHostFailed) Error() string {
+	return fmt.Sprintf("agent %s was declared dead by the cluster's failure detection", e.host)
+}
+
+// HostFailed fails the invocations running on host now: the gossip
+// failure detector declared it dead, so waiting for the transport to
+// notice (a TCP or HTTP/2 ping timeout) would only delay the error.
+func (c *Cluster) HostFailed(host string) {
+	c.mu.Lock()
+	calls := c.inflight[host]
+	delete(c.inflight, host)
+	c.mu.Unlock()
+	for cancel := range calls {
+		(*cancel)(errHostFailed{host})
+	}
+	if len(calls) > 0 {
+		c.log.Warn("invocations failed with their agent", "host", host, "count", len(calls))
+	}
+}
+
+// track runs call under a context HostFailed can cancel.
+func (c *Cluster) track(ctx context.Context, host string, call func(ctx context.Context) error) error {
+	cctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	key := &cancel
+	c.mu.Lock()
+	if c.inflight[host] == nil {
+		c.inflight[host] = map[*context.CancelCauseFunc]struct{}{}
+	}
+	c.inflight[host][key] = struct{}{}
+	c.mu.Unlock()
+	err := call(cctx)
+	c.mu.Lock()
+	delete(c.inflight[host], key)
+	if len(c.inflight[host]) == 0 {
+		delete(c.inflight, host)
+	}
+	c.mu.Unlock()
+	var failed errHostFailed
+	if err != nil && errors.As(context.Cause(cctx), &failed) {
+		return errs.Unavailable("%v during the invocation", failed).WithReason("agent_lost")
+	}
+	return err
 }
 
 // NewCluster returns a cluster router.
@@ -70,8 +120,9 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	}
 	return &Cluster{
 		cfg: cfg, log: cfg.Logger, m: m,
-		clients: map[string]Agent{},
-		rng:     rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
+		clients:  map[string]Agent{},
+		inflight: map[string]map[*context.CancelCauseFunc]struct{}{},
+		rng:      rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}, nil
 }
 
@@ -154,9 +205,18 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		c.m.placements.WithLabelValues(d.Rule).Inc()
 		host := byName[d.Host]
 		req.WarmOnly = d.Warm
-		resp, err := c.client(host.Tags.RPCAddr).Invoke(ctx, connect.NewRequest(req))
+		var resp *connect.Response[skiffv1.AgentInvokeResponse]
+		err = c.track(ctx, d.Host, func(ctx context.Context) (err error) {
+			resp, err = c.client(host.Tags.RPCAddr).Invoke(ctx, connect.NewRequest(req))
+			return err
+		})
 		if err == nil {
 			return resp.Msg, nil
+		}
+		var lost *errs.Error
+		if errors.As(err, &lost) && lost.Reason == "agent_lost" {
+			c.m.refusals.WithLabelValues("lost").Inc()
+			return nil, err
 		}
 		if ctx.Err() != nil {
 			return nil, errs.FromConnect(err)

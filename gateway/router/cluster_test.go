@@ -244,3 +244,40 @@ func TestClusterStaleWarmView(t *testing.T) {
 		t.Fatalf("ran on %s with warm-only flags %v, want a warm claim refused then a cold start on a", resp.Payload, a.warmOnly)
 	}
 }
+
+// blockingAgent runs until its context ends.
+type blockingAgent struct {
+	hostAgent
+	started chan struct{}
+}
+
+func (a *blockingAgent) Invoke(ctx context.Context, _ *connect.Request[skiffv1.AgentInvokeRequest]) (*connect.Response[skiffv1.AgentInvokeResponse], error) {
+	close(a.started)
+	<-ctx.Done()
+	return nil, connect.NewError(connect.CodeCanceled, ctx.Err())
+}
+
+// TestClusterHostFailedFailsInFlight: when gossip declares the host of a
+// running invocation dead, the invocation fails at once with Unavailable
+// naming the host, instead of waiting for the transport to notice.
+func TestClusterHostFailedFailsInFlight(t *testing.T) {
+	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, nil)}}
+	a := &blockingAgent{hostAgent: hostAgent{name: "a"}, started: make(chan struct{})}
+	c, err := NewCluster(ClusterConfig{Members: members, Dial: func(string) Agent { return a }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := c.Invoke(context.Background(), invokeReq("k1"))
+		done <- err
+	}()
+	<-a.started
+	c.HostFailed("b") // another host: nothing happens
+	c.HostFailed("a")
+	err = <-done
+	var e *errs.Error
+	if !errors.As(err, &e) || e.Kind != errs.KindUnavailable || e.Reason != "agent_lost" || !strings.Contains(err.Error(), "agent a") {
+		t.Fatalf("invocation on a failed host: %v, want Unavailable agent_lost naming agent a", err)
+	}
+}

@@ -113,7 +113,6 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 	if gcfg.Logger == nil {
 		gcfg.Logger = cfg.Logger
 	}
-	gcfg.DiscardEvents = true
 	node, err := gossip.New(gcfg)
 	if err != nil {
 		return fmt.Errorf("starting gossip: %w", err)
@@ -139,8 +138,10 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 		return ok && m.Tags.Role == gossip.RoleGateway && (m.State == gossip.StateDead || m.State == gossip.StateLeft)
 	}
 	agents := newAgentClients(clientTLS, cfg.AgentTimeout)
+	var rt *router.Cluster
 	cfg.Workers = func(ctx context.Context, st *store.Store, reg prometheus.Registerer) (Workers, error) {
-		rt, err := router.NewCluster(router.ClusterConfig{
+		var err error
+		rt, err = router.NewCluster(router.ClusterConfig{
 			Members:  node,
 			Dial:     func(addr string) router.Agent { return agents.get(addr) },
 			Logger:   cfg.Logger,
@@ -169,6 +170,26 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 		_, h := skiffv1connect.NewClusterServiceHandler(joinHandler, connect.WithInterceptors(errs.Interceptor()), connect.WithReadMaxBytes(cluster.MaxRequestBytes))
 		mux.Handle(skiffv1connect.ClusterServiceJoinProcedure, h) // only Join: the rest needs an admin key, on the API listener
 		codeservice.New(p.Store).Mount(mux)
+		// Membership events: an agent declared dead fails the invocations
+		// running on it at once.
+		p.Background(func(ctx context.Context) error {
+			for {
+				select {
+				case <-ctx.Done():
+					return nil
+				case ev, ok := <-node.Events():
+					if !ok {
+						return nil
+					}
+					if ev.Type == gossip.EventFail && ev.Member.Tags.Role == gossip.RoleAgent {
+						if cfg.Logger != nil {
+							cfg.Logger.Warn("agent failed", "host", ev.Member.Name, "addr", ev.Member.Tags.RPCAddr)
+						}
+						rt.HostFailed(ev.Member.Name)
+					}
+				}
+			}
+		})
 		ln, err := net.Listen("tcp", cfg.ClusterListen)
 		if err != nil {
 			return fmt.Errorf("listening on %s: %w", cfg.ClusterListen, err)
