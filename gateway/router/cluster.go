@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sync"
+	"time"
 
 	"connectrpc.com/connect"
 	"github.com/prometheus/client_golang/prometheus"
@@ -36,6 +37,12 @@ type ClusterConfig struct {
 	// Attempts bounds the hosts one invocation tries when agents refuse
 	// it (draining, full, unreachable); default 3.
 	Attempts int
+	// SpreadWindow is how long a cold start counts towards spreading a
+	// function's sandboxes over hosts and zones (about a sandbox's
+	// keep-alive); default 10 minutes.
+	SpreadWindow time.Duration
+	// Now is the clock; nil means time.Now.
+	Now      func() time.Time
 	Logger   *slog.Logger
 	Registry prometheus.Registerer
 }
@@ -52,6 +59,47 @@ type Cluster struct {
 	clients  map[string]Agent                                 // by RPC address; guarded by mu
 	rng      *rand.Rand                                       // guarded by mu
 	inflight map[string]map[*context.CancelCauseFunc]struct{} // by host; guarded by mu
+	// starts: recent cold starts by function and host, so that a
+	// function's sandboxes spread (the gossiped summaries carry only the
+	// top idle counts); guarded by mu.
+	starts map[string]map[string][]time.Time
+}
+
+// sandboxes counts a function's recent cold starts per host.
+func (c *Cluster) sandboxes(function string) map[string]int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	hosts := c.starts[function]
+	if len(hosts) == 0 {
+		return nil
+	}
+	cutoff := c.cfg.Now().Add(-c.cfg.SpreadWindow)
+	out := make(map[string]int, len(hosts))
+	for h, ts := range hosts {
+		i := 0
+		for i < len(ts) && ts[i].Before(cutoff) {
+			i++
+		}
+		if ts = ts[i:]; len(ts) == 0 {
+			delete(hosts, h)
+			continue
+		}
+		hosts[h] = ts
+		out[h] = len(ts)
+	}
+	if len(hosts) == 0 {
+		delete(c.starts, function)
+	}
+	return out
+}
+
+func (c *Cluster) started(function, host string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.starts[function] == nil {
+		c.starts[function] = map[string][]time.Time{}
+	}
+	c.starts[function][host] = append(c.starts[function][host], c.cfg.Now())
 }
 
 // errHostFailed is the cancellation cause of invocations on a host the
@@ -111,6 +159,12 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	if cfg.Attempts <= 0 {
 		cfg.Attempts = 3
 	}
+	if cfg.SpreadWindow <= 0 {
+		cfg.SpreadWindow = 10 * time.Minute
+	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.New(slog.DiscardHandler)
 	}
@@ -122,6 +176,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		cfg: cfg, log: cfg.Logger, m: m,
 		clients:  map[string]Agent{},
 		inflight: map[string]map[*context.CancelCauseFunc]struct{}{},
+		starts:   map[string]map[string][]time.Time{},
 		rng:      rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}, nil
 }
@@ -180,11 +235,12 @@ func (r lockedRand) IntN(n int) int {
 func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (*skiffv1.AgentInvokeResponse, error) {
 	spec := req.GetSpec()
 	preq := placement.Request{
-		Function: spec.GetConfigKey(),
-		Digest:   spec.GetCodeSha256(),
-		MemoryMB: int64(spec.GetMemoryMb()),
-		Exclude:  map[string]bool{},
-		SkipWarm: map[string]bool{},
+		Function:  spec.GetConfigKey(),
+		Digest:    spec.GetCodeSha256(),
+		MemoryMB:  int64(spec.GetMemoryMb()),
+		Sandboxes: c.sandboxes(spec.GetFunctionName()),
+		Exclude:   map[string]bool{},
+		SkipWarm:  map[string]bool{},
 	}
 	var last error
 	for attempt, tries := 0, 0; attempt < c.cfg.Attempts; tries++ {
@@ -211,6 +267,9 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 			return err
 		})
 		if err == nil {
+			if resp.Msg.GetColdStart() {
+				c.started(spec.GetFunctionName(), d.Host)
+			}
 			return resp.Msg, nil
 		}
 		var lost *errs.Error

@@ -3,10 +3,12 @@ package router
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"connectrpc.com/connect"
 
@@ -279,5 +281,61 @@ func TestClusterHostFailedFailsInFlight(t *testing.T) {
 	var e *errs.Error
 	if !errors.As(err, &e) || e.Kind != errs.KindUnavailable || e.Reason != "agent_lost" || !strings.Contains(err.Error(), "agent a") {
 		t.Fatalf("invocation on a failed host: %v, want Unavailable agent_lost naming agent a", err)
+	}
+}
+
+// coldAgent answers every invocation as a cold start on itself.
+type coldAgent struct{ hostAgent }
+
+func (a *coldAgent) Invoke(ctx context.Context, req *connect.Request[skiffv1.AgentInvokeRequest]) (*connect.Response[skiffv1.AgentInvokeResponse], error) {
+	resp, err := a.hostAgent.Invoke(ctx, req)
+	if err == nil {
+		resp.Msg.ColdStart = true
+	}
+	return resp, err
+}
+
+// TestClusterSpreadsColdStarts: a function's cold starts spread evenly
+// over hosts and zones (one per host before any gets a second), and stop
+// counting after the spread window.
+func TestClusterSpreadsColdStarts(t *testing.T) {
+	var members []gossip.Member
+	agents := map[string]*coldAgent{}
+	for i, zone := range []string{"z1", "z1", "z2", "z2"} {
+		name := fmt.Sprintf("h%d", i)
+		m := agentMember(t, name, 4096, nil)
+		m.Tags.Zone = zone
+		members = append(members, m)
+		agents[name] = &coldAgent{hostAgent{name: name}}
+	}
+	now := time.Unix(1_000_000, 0)
+	var mu sync.Mutex
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	c, err := NewCluster(ClusterConfig{Members: &fakeMembers{members: members}, Now: clock, SpreadWindow: time.Minute,
+		Dial: func(addr string) Agent { return agents[strings.TrimSuffix(addr, ":7071")] }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	count := map[string]int{}
+	for range 8 {
+		resp, err := c.Invoke(context.Background(), invokeReq("k"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		count[string(resp.Payload)]++
+	}
+	for name, n := range count {
+		if n != 2 {
+			t.Fatalf("cold starts per host %v, want 2 each (%s has %d)", count, name, n)
+		}
+	}
+	if c.sandboxes("f")["h0"] != 2 {
+		t.Fatalf("recent starts on h0: %v", c.sandboxes("f"))
+	}
+	mu.Lock()
+	now = now.Add(2 * time.Minute)
+	mu.Unlock()
+	if got := c.sandboxes("f"); len(got) != 0 {
+		t.Fatalf("starts after the window: %v, want none", got)
 	}
 }
