@@ -2,6 +2,7 @@ package lease
 
 import (
 	"fmt"
+	"skiff.dev/skiff/gateway/store"
 	"testing"
 )
 
@@ -49,6 +50,34 @@ func BenchmarkAcquireNothingFree(b *testing.B) {
 		got, err := s.Acquire(ctx, "B", 1, nil)
 		if err != nil || len(got) != 0 {
 			b.Fatalf("got %v, %v", got, err)
+		}
+	}
+}
+
+// BenchmarkKeeperTick50: one keeper tick renewing 50 held leases (a
+// stream of 10 shards at parallelization 5) on a store that fsyncs every
+// write, as `--async-durability always` makes it.
+func BenchmarkKeeperTick50(b *testing.B) {
+	st, err := store.Open(testCtx(b), store.Config{DataDir: b.TempDir(), SyncAlways: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { _ = st.Close() })
+	s, err := New(testCtx(b), st.JetStream(), Config{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for i := range 50 {
+		mustSetDesired(b, s, fmt.Sprintf("stream:m:%d", i), 1)
+	}
+	k := s.NewKeeper("gw/streams", 64, nil, nil, nil)
+	if err := k.Tick(testCtx(b)); err != nil || len(k.Held()) != 50 {
+		b.Fatalf("first tick: %v, holding %d", err, len(k.Held()))
+	}
+	b.ResetTimer()
+	for b.Loop() {
+		if err := k.Tick(testCtx(b)); err != nil {
+			b.Fatal(err)
 		}
 	}
 }

@@ -8,6 +8,9 @@ import (
 	"skiff.dev/skiff/internal/errs"
 )
 
+// heartbeatParallel bounds a keeper's concurrent heartbeats.
+const heartbeatParallel = 16
+
 // Keeper keeps the leases of one holder: every interval (Config.Interval,
 // default Expiry/3) it heartbeats what it holds and acquires matching free
 // slots up to its maximum. It reports changes through two callbacks,
@@ -117,7 +120,30 @@ func (k *Keeper) Tick(ctx context.Context) error {
 	k.tickMu.Lock()
 	defer k.tickMu.Unlock()
 
-	for _, l := range k.Held() {
+	// Heartbeats go out concurrently: one at a time, a keeper holding
+	// many leases on a slow disk (each write is fsynced) could take longer
+	// than the expiry to renew them all.
+	held := k.Held()
+	type beat struct {
+		next Lease
+		err  error
+	}
+	beats := make([]beat, len(held))
+	sem := make(chan struct{}, heartbeatParallel)
+	var wg sync.WaitGroup
+	for i, l := range held {
+		if !k.match(l.Resource) {
+			continue
+		}
+		wg.Add(1)
+		sem <- struct{}{}
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			beats[i].next, beats[i].err = k.s.Heartbeat(ctx, l)
+		}()
+	}
+	wg.Wait()
+	for i, l := range held {
 		if !k.match(l.Resource) {
 			if err := k.s.Release(ctx, l); err != nil {
 				k.s.log.Warn("releasing an unmatched lease", "lease", l.String(), "err", err)
@@ -125,7 +151,7 @@ func (k *Keeper) Tick(ctx context.Context) error {
 			k.drop(l, false, "resource no longer matches")
 			continue
 		}
-		next, err := k.s.Heartbeat(ctx, l)
+		next, err := beats[i].next, beats[i].err
 		switch {
 		case err == nil:
 			k.mu.Lock()
