@@ -4,8 +4,11 @@
 // echo function under the AWS Lambda Runtime Interface Emulator as the
 // peer, then measures async invoke for each durability setting (accept
 // rate and latency against JetStream's own synchronous publish, and the
-// end-to-end latency from accept to function start at a steady rate), and
-// prints tables with the ratios and the issues' targets (also written as
+// end-to-end latency from accept to function start at a steady rate), then
+// measures stream event source mappings (records/s end to end over a
+// backlog with 1 and 8 shards against JetStream's own consume rate of the
+// same records, IteratorAge at a steady rate, lease takeover after a kill
+// -9 of a `skiff dev` process), and prints tables with the ratios and the issues' targets (also written as
 // markdown to -out). It reports and does not judge: a missed target still
 // exits 0; only a failure to measure does not.
 // It needs root (sandboxes are namespace jails).
@@ -60,12 +63,18 @@ type config struct {
 
 	sync, async  bool // sections to run
 	network      bool
+	streams      bool
 	asyncClients int
 	asyncEvents  int
 	e2eRate      int
 	e2eDuration  time.Duration
 	asyncProf    string // CPU profile prefix of the async accept and end-to-end phases
 	durability   []async.Durability
+
+	streamRecords     int           // backlog records per shard
+	streamAgeDuration time.Duration // the steady-rate IteratorAge phase
+	streamsProf       string        // CPU profile prefix of the stream backlog phases
+	streamDurability  []async.Durability
 }
 
 func parseFlags(args []string, stderr io.Writer) (config, error) {
@@ -85,17 +94,25 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.acceptGzip, "accept-gzip", true, "let the Connect client accept gzip responses, as connect-go's does by default (false: the server sends them uncompressed)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
 	durability := fs.String("durability", "always,interval", "async durability settings to measure, in this order")
-	sections := fs.String("sections", "sync,async,network", "sections to run: sync (invoke latency, throughput, memory), async (accept, end to end), network (egress start cost, eBPF throughput cost)")
+	sections := fs.String("sections", "sync,async,network,streams", "sections to run: sync (invoke latency, throughput, memory), async (accept, end to end), network (egress start cost, eBPF throughput cost), streams (stream mapping records/s, IteratorAge, lease takeover)")
+	only := fs.String("only", "", "run only these sections (same values as -sections, which it overrides)")
 	fs.IntVar(&c.asyncClients, "async-clients", 12, "concurrent clients of the async accept and raw JetStream phases")
 	fs.IntVar(&c.asyncEvents, "async-events", 2000, "events each async client sends")
 	fs.IntVar(&c.e2eRate, "e2e-rate", 1000, "events/s of the async end-to-end phase")
 	fs.DurationVar(&c.e2eDuration, "e2e-duration", 5*time.Second, "duration of the measured async end-to-end phase")
 	fs.StringVar(&c.asyncProf, "asyncprofile", "", "write CPU profiles of each async accept and end-to-end phase to PREFIX.<durability>.{accept,e2e}.pprof")
+	fs.IntVar(&c.streamRecords, "stream-records", 50000, "backlog records of the streams 1-shard throughput phase (the 8-shard phase gets 4 times as many)")
+	fs.DurationVar(&c.streamAgeDuration, "stream-age-duration", 10*time.Second, "duration of the streams IteratorAge phase (steady writes)")
+	streamDurability := fs.String("stream-durability", "always,interval", "JetStream durabilities of the streams section's in-process skiff dev runs, in this order: always (fsync every write, skiff dev's default), interval")
+	fs.StringVar(&c.streamsProf, "streamsprofile", "", "write CPU profiles of the streams backlog phases to PREFIX.{1,8}shards.pprof")
 	if err := fs.Parse(args); err != nil {
 		return c, err
 	}
 	if fs.NArg() > 0 {
 		return c, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	if *only != "" {
+		*sections = *only
 	}
 	for _, sec := range strings.Split(*sections, ",") {
 		switch strings.TrimSpace(sec) {
@@ -105,8 +122,10 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 			c.async = true
 		case "network":
 			c.network = true
+		case "streams":
+			c.streams = true
 		default:
-			return c, fmt.Errorf("-sections: unknown section %q (want sync, async, network)", sec)
+			return c, fmt.Errorf("-sections: unknown section %q (want sync, async, network, streams)", sec)
 		}
 	}
 	for _, d := range strings.Split(*durability, ",") {
@@ -116,11 +135,21 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 		}
 		c.durability = append(c.durability, v)
 	}
+	for _, d := range strings.Split(*streamDurability, ",") {
+		v, err := async.ParseDurability(strings.TrimSpace(d))
+		if err != nil || d == "" {
+			return c, fmt.Errorf("-stream-durability: %q is not always or interval", d)
+		}
+		c.streamDurability = append(c.streamDurability, v)
+	}
 	if c.cold < 1 || c.warm < 1 || c.warmup < 0 || c.idle < 1 || c.rounds < 1 || c.duration <= 0 {
 		return c, errors.New("-cold, -warm, -idle, -rounds and -duration must be positive")
 	}
 	if c.asyncClients < 1 || c.asyncEvents < 1 || c.e2eRate < 1 || c.e2eDuration < time.Second {
 		return c, errors.New("-async-clients, -async-events and -e2e-rate must be positive, -e2e-duration at least 1s")
+	}
+	if c.streamRecords < 1000 || c.streamRecords > 1_000_000 || c.streamAgeDuration < 2*time.Second || c.streamAgeDuration > 10*time.Minute {
+		return c, errors.New("-stream-records must be in 1000-1000000, -stream-age-duration in 2s-10m")
 	}
 	return c, nil
 }
@@ -173,6 +202,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 			return err
 		}
 		res.network = &nr
+	}
+	if cfg.streams {
+		if res.streams, err = benchStreams(ctx, cfg, repo, fn, progress); err != nil {
+			return err
+		}
 	}
 	res.took = time.Since(began)
 

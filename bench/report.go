@@ -43,6 +43,7 @@ type results struct {
 	rie        rieResult
 	async      []asyncResult // one per durability setting
 	network    *networkResult
+	streams    *streamsResult
 	took       time.Duration
 }
 
@@ -123,6 +124,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 		p("")
 		p("%s", strings.TrimRight(r.network.markdown(), "\n"))
 	}
+	if r.streams != nil {
+		r.streams.writeTable(p)
+	}
 	p("")
 	p("| Target | Measured | Goal | Result |")
 	p("|---|---|---|---|")
@@ -140,6 +144,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 	if n := r.network; n != nil {
 		p("| Egress adds to a cold start (jail start p50, egress − none) | %.2f ms | ≤ 2 ms | %s |", n.egressCost(), verdict(n.egressCost() <= 2))
 		p("| eBPF policy's TCP throughput cost (medians) | %.1f%% | ≤ 5%% | %s |", 100*n.ebpfOverhead(), verdict(n.ebpfOverhead() <= 0.05))
+	}
+	if r.streams != nil {
+		r.streams.writeTargets(p)
 	}
 	p("")
 	p("How it is measured:")
@@ -172,6 +179,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 	}
 	if r.network != nil {
 		p("- Network: vmm/jail's `BenchmarkStartNetwork` (100 jail starts per case with a pre-started init waiting, network none / egress / egress with the function's own rules; start = `Start` returning) and netns's `BenchmarkThroughput` (64 MiB over TCP from a sandbox namespace through its veth, NAT and the host to a server namespace, without and with the eBPF programs attached, 7 runs each), run with `go test -bench` because they need those packages' kernel-level test setup.")
+	}
+	if r.streams != nil {
+		r.streams.writeMethod(p, c)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err

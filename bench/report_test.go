@@ -88,3 +88,67 @@ func TestAsyncReport(t *testing.T) {
 		}
 	}
 }
+
+func TestParseFlagsStreams(t *testing.T) {
+	c, err := parseFlags([]string{"-only", "streams", "-stream-durability", "interval"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.sync || c.async || c.network || !c.streams || !slices.Equal(c.streamDurability, []async.Durability{async.DurabilityInterval}) {
+		t.Errorf("-only streams: got sync %v async %v network %v streams %v durability %v", c.sync, c.async, c.network, c.streams, c.streamDurability)
+	}
+	c, err = parseFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !c.streams || !slices.Equal(c.streamDurability, []async.Durability{async.DurabilityAlways, async.DurabilityInterval}) {
+		t.Errorf("defaults: streams %v durability %v, want true and always,interval", c.streams, c.streamDurability)
+	}
+	for _, args := range [][]string{
+		{"-only", "stream"},
+		{"-stream-durability", "sometimes"},
+		{"-stream-records", "10"},
+		{"-stream-age-duration", "1s"},
+	} {
+		if _, err := parseFlags(args, io.Discard); err == nil {
+			t.Errorf("parseFlags(%q): no error", args)
+		}
+	}
+}
+
+func TestStreamsReport(t *testing.T) {
+	cfg, err := parseFlags([]string{"-only", "streams"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &results{cfg: cfg, streams: &streamsResult{
+		runs: []streamRun{{
+			durability: async.DurabilityAlways,
+			tput: []streamTput{
+				{shards: 1, records: 1000, write: time.Second, took: time.Second, first: 100 * time.Millisecond, steady: 60000, rate: 1000, rawTook: time.Second, rawRate: 120000},
+				{shards: 8, records: 4000, write: time.Second, took: time.Second, steady: 80000, rate: 4000, rawRate: 160000},
+			},
+			age: ageResult{target: 48000, achieved: 40000, d: 10 * time.Second, samples: 900, p50: 3 * time.Millisecond, p99: 20 * time.Millisecond},
+		}},
+		takeover: takeoverResult{lanes: 8, restart: 400 * time.Millisecond, held: 1500 * time.Millisecond},
+	}}
+	var b strings.Builder
+	if err := r.writeMarkdown(&b); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		"| Stream mapping (batch 100, no-op function) | 1 shard(s), durability always | 8 shard(s), durability always |",
+		"| First batch → every record processed and checkpointed | **60000 records/s** (60000 per shard) | **80000 records/s** (10000 per shard) |",
+		"| skiff / JetStream consume rate | 0.500 | 0.500 |",
+		"| Stream records/s per shard, 1 shard(s), batch 100, durability always | 60000 | ≥ 50000 | PASS |",
+		"| Stream records/s per shard, 8 shard(s), batch 100, durability always | 10000 | ≥ 50000 | MISS |",
+		"| Stream lease takeover after a kill -9 (kill → every lane polled again, restart included) | 1500 ms | ≤ 2 s | PASS |",
+		"IteratorAge p50 / p99 / max, writing 48000 records/s",
+		"not counted (the restarted process has the same holder name)",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q; got:\n%s", want, out)
+		}
+	}
+}

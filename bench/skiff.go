@@ -40,6 +40,8 @@ type skiff struct {
 	inv     skiffv1connect.InvokeServiceClient
 	invH2C  skiffv1connect.InvokeServiceClient
 	queues  skiffv1connect.QueueServiceClient
+	streams skiffv1connect.StreamServiceClient
+	esm     skiffv1connect.EventSourceServiceClient
 	stop    context.CancelFunc
 	done    chan error
 	dataDir string
@@ -86,7 +88,12 @@ func startSkiff(ctx context.Context, acceptGzip bool, durability string) (_ *ski
 		return nil, errors.Join(fmt.Errorf("reading the admin key: %w", err), s.close())
 	}
 	s.key = strings.TrimSpace(string(key))
+	s.dial(acceptGzip)
+	return s, nil
+}
 
+// dial makes the API clients of s.addr with s.key.
+func (s *skiff) dial(acceptGzip bool) {
 	s.httpc = &http.Client{Transport: &http.Transport{
 		MaxIdleConnsPerHost: 256,
 		IdleConnTimeout:     5 * time.Minute,
@@ -104,12 +111,22 @@ func startSkiff(ctx context.Context, acceptGzip bool, durability string) (_ *ski
 	s.inv = skiffv1connect.NewInvokeServiceClient(s.httpc, base, opts...)
 	s.invH2C = skiffv1connect.NewInvokeServiceClient(s.h2c, base, opts...)
 	s.queues = skiffv1connect.NewQueueServiceClient(s.httpc, base, opts...)
-	return s, nil
+	s.streams = skiffv1connect.NewStreamServiceClient(s.httpc, base, opts...)
+	s.esm = skiffv1connect.NewEventSourceServiceClient(s.httpc, base, opts...)
 }
 
 // close stops skiff dev (it drains and closes its sandboxes) and removes
 // its data dir.
 func (s *skiff) close() error {
+	return errors.Join(s.shutdown(), os.RemoveAll(s.dataDir), removeRunDir(s.dataDir))
+}
+
+// shutdown stops skiff dev and keeps its data dir; a second call returns
+// at once.
+func (s *skiff) shutdown() error {
+	if s.done == nil {
+		return nil
+	}
 	s.stop()
 	var err error
 	select {
@@ -120,11 +137,12 @@ func (s *skiff) close() error {
 	case <-time.After(90 * time.Second):
 		err = errors.New("skiff dev did not stop within 90s")
 	}
+	s.done = nil
 	if s.httpc != nil {
 		s.httpc.CloseIdleConnections()
 		s.h2c.CloseIdleConnections()
 	}
-	return errors.Join(err, os.RemoveAll(s.dataDir), removeRunDir(s.dataDir))
+	return err
 }
 
 // removeRunDir removes the jail's per-agent run directory, which the agent
@@ -160,10 +178,15 @@ func bearer(key string) connect.UnaryInterceptorFunc {
 }
 
 func (s *skiff) createFunction(ctx context.Context, name string, fn *function) error {
+	return s.createFunctionEnv(ctx, name, fn, nil)
+}
+
+// createFunctionEnv creates name with environment variables env.
+func (s *skiff) createFunctionEnv(ctx context.Context, name string, fn *function, env map[string]string) error {
 	_, err := s.fns.CreateFunction(ctx, connect.NewRequest(&skiffv1.CreateFunctionRequest{
 		Name:    name,
 		ZipFile: fn.zip,
-		Config:  &skiffv1.FunctionConfig{Runtime: "provided", Handler: "bootstrap", MemoryMb: 128, TimeoutSeconds: 10},
+		Config:  &skiffv1.FunctionConfig{Runtime: "provided", Handler: "bootstrap", MemoryMb: 128, TimeoutSeconds: 10, Environment: env},
 	}))
 	if err != nil {
 		return fmt.Errorf("creating function %s: %w", name, err)

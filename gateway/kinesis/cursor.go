@@ -158,10 +158,11 @@ func (s *Store) pull(ctx context.Context, st *streamState, cur *cursor, batch, m
 	}
 	cur.pulls++
 	inbox := cur.inbox + "." + strconv.FormatUint(cur.pulls, 36)
+	// No Flush: it would wait for a PING round trip; the connection's
+	// flusher sends the request at once.
 	if err := s.nc.PublishRequest("$JS.API.CONSUMER.MSG.NEXT."+cur.jsName+"."+cur.consumer, inbox, body); err != nil {
 		return nil, 0, false, engineErr(err, "reading stream %s", st.info.Name)
 	}
-	_ = s.nc.Flush()
 	var out []rawMsg
 	var pending uint64
 	for {
@@ -204,12 +205,28 @@ func (s *Store) pull(ctx context.Context, st *streamState, cur *cursor, batch, m
 // <stream seq>.<consumer seq>.<timestamp>.<pending> (older form), or the
 // same after a domain and an account hash (newer form, 12+ tokens).
 func ackInfo(reply string) (seq, pending uint64, ok bool) {
-	tok := strings.Split(reply, ".")
+	// Split by hand: this runs for every record read.
+	var tok [16]string
+	n := 0
+	for rest := reply; ; n++ {
+		i := strings.IndexByte(rest, '.')
+		t := rest
+		if i >= 0 {
+			t, rest = rest[:i], rest[i+1:]
+		}
+		if n < len(tok) {
+			tok[n] = t
+		}
+		if i < 0 {
+			n++
+			break
+		}
+	}
 	var sseq, np string
 	switch {
-	case len(tok) == 9 && tok[0] == "$JS" && tok[1] == "ACK":
+	case n == 9 && tok[0] == "$JS" && tok[1] == "ACK":
 		sseq, np = tok[5], tok[8]
-	case len(tok) >= 12 && tok[0] == "$JS" && tok[1] == "ACK":
+	case n >= 12 && tok[0] == "$JS" && tok[1] == "ACK":
 		sseq, np = tok[7], tok[10]
 	default:
 		return 0, 0, false

@@ -363,7 +363,6 @@ func (s *Store) directGet(ctx context.Context, st *streamState, req directReq) (
 	if err := s.nc.PublishRequest("$JS.API.DIRECT.GET."+st.jsName(), inbox, body); err != nil {
 		return nil, 0, engineErr(err, "reading stream %s", st.info.Name)
 	}
-	_ = s.nc.Flush()
 	var out []rawMsg
 	for {
 		msgs, err := q.take(ctx)

@@ -125,11 +125,30 @@ type fence func(ctx context.Context) error
 // than the stored one keeps the higher of the two sequences (a stale
 // holder may have advanced it before the new holder fenced it out).
 func (c *checkpoints) commit(ctx context.Context, l lane, next Checkpoint, check fence) (Checkpoint, error) {
+	return c.commitFrom(ctx, l, Checkpoint{}, next, check)
+}
+
+// commitFrom is commit when the caller knows the stored checkpoint: last,
+// the checkpoint its previous commit returned (zero when none). The first
+// attempt then skips reading it: the write is compare-and-set on last's
+// revision, so it lands only when last is still what is stored, and the
+// checks run on last are the checks commit runs on what it reads. When
+// the stored checkpoint has moved on, commitFrom reads it and goes on as
+// commit.
+func (c *checkpoints) commitFrom(ctx context.Context, l lane, last, next Checkpoint, check fence) (Checkpoint, error) {
 	key := checkpointKey(l)
 	for range casAttempts {
-		cur, exists, err := c.get(ctx, l)
-		if err != nil {
-			return Checkpoint{}, err
+		var (
+			cur Checkpoint
+			err error
+		)
+		exists := last.revision != 0
+		if exists {
+			cur, last = last, Checkpoint{}
+		} else {
+			if cur, exists, err = c.get(ctx, l); err != nil {
+				return Checkpoint{}, err
+			}
 		}
 		if exists {
 			switch {

@@ -7,6 +7,8 @@ import (
 	"slices"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/gateway/esm"
 	"skiff.dev/skiff/gateway/lease"
@@ -35,6 +37,8 @@ type poller struct {
 	bufBytes int
 	shardEnd bool // the shard is closed and pos is at its end
 	backoff  time.Duration
+	ageGauge prometheus.Gauge // the lane's shard's iterator age
+	lagGauge prometheus.Gauge // and checkpoint lag
 }
 
 func newPoller(s *Service, parent context.Context, ln lane, l lease.Lease, prev <-chan struct{}) *poller {
@@ -74,6 +78,8 @@ func (p *poller) loop() error {
 		return nil
 	}
 	p.stream = m.GetStream()
+	p.ageGauge = p.s.met.iteratorAge.WithLabelValues(p.lane.uuid, p.lane.shard)
+	p.lagGauge = p.s.met.checkpointLag.WithLabelValues(p.lane.uuid, p.lane.shard)
 	p.ec = eventContext{shardID: p.lane.shard, streamARN: p.s.streamARN(p.stream), region: p.s.cfg.Region, identity: p.s.identityARN()}
 	if err := p.start(m); err != nil {
 		return err
@@ -173,15 +179,27 @@ func (p *poller) nextBackoff() time.Duration {
 	return p.backoff
 }
 
+// readLimit is how many records of the shard one read asks for: a batch
+// of this lane's records needs about BatchSize × lanes.
+func readLimit(m *skiffv1.EventSourceMapping) int {
+	return min(maxRead, max(100, int(m.GetBatchSize())*lanes(m)))
+}
+
 // fill reads the next records of the shard into buf (those of this lane)
 // and returns how many records it read.
 func (p *poller) fill(m *skiffv1.EventSourceMapping) (int, error) {
-	n := lanes(m)
-	limit := min(maxRead, max(100, int(m.GetBatchSize())*n))
-	recs, end, err := p.s.data.Read(p.ctx, p.stream, p.lane.shard, p.pos, limit)
+	recs, end, err := p.s.data.Read(p.ctx, p.stream, p.lane.shard, p.pos, readLimit(m))
 	if err != nil {
 		return 0, err
 	}
+	p.absorb(m, recs, end)
+	return len(recs), nil
+}
+
+// absorb takes the records of a read after pos into buf (those of this
+// lane) and moves pos past them.
+func (p *poller) absorb(m *skiffv1.EventSourceMapping, recs []Record, end bool) {
+	n := lanes(m)
 	for _, r := range recs {
 		if r.Seq <= p.pos {
 			continue
@@ -195,7 +213,53 @@ func (p *poller) fill(m *skiffv1.EventSourceMapping) (int, error) {
 	if len(recs) == 0 && end {
 		p.shardEnd = true
 	}
-	return len(recs), nil
+}
+
+// readAhead is a read of the shard's next records that runs while the
+// function processes a batch, so that the lane's next batch is ready when
+// the invoke (and its checkpoint) is done. It reads what the next step's
+// fill would read; the records go into buf only after the batch.
+type readAhead struct {
+	after uint64 // pos when it started
+	done  chan struct{}
+	recs  []Record
+	end   bool
+	err   error
+}
+
+// startReadAhead starts a read after pos when the next step would read:
+// buf holds less than a batch and the shard is not at its end.
+func (p *poller) startReadAhead(m *skiffv1.EventSourceMapping, bs, limit int) *readAhead {
+	if p.shardEnd || len(p.buf) >= bs || p.bufBytes >= limit {
+		return nil
+	}
+	ra := &readAhead{after: p.pos, done: make(chan struct{})}
+	n := readLimit(m)
+	go func() {
+		defer close(ra.done)
+		ra.recs, ra.end, ra.err = p.s.data.Read(p.ctx, p.stream, p.lane.shard, ra.after, n)
+	}()
+	return ra
+}
+
+// finishReadAhead waits for ra and, with keep, takes its records as fill
+// would (a failed read is left to the next fill).
+func (p *poller) finishReadAhead(m *skiffv1.EventSourceMapping, ra *readAhead, keep bool) {
+	if ra == nil {
+		return
+	}
+	<-ra.done
+	if keep && ra.err == nil && ra.after == p.pos {
+		p.absorb(m, ra.recs, ra.end)
+	}
+}
+
+// rewind makes the lane read again from its checkpoint, after a batch
+// failed with an error that stops neither the poller nor the lane (the
+// batch's records were taken out of buf and must be read again).
+func (p *poller) rewind() {
+	p.buf, p.bufBytes = nil, 0
+	p.pos, p.shardEnd = p.cp.Seq, false
 }
 
 // windowStart is the tumbling window of t.
@@ -242,11 +306,11 @@ func (p *poller) step(m *skiffv1.EventSourceMapping) error {
 				if err := p.s.ShardEnded(p.ctx, p.lease, p.pos); err != nil {
 					return err
 				}
-				p.s.met.checkpointLag.WithLabelValues(p.lane.uuid, p.lane.shard).Set(0)
+				p.lagGauge.Set(0)
 				return errDone
 			}
 			if read == 0 {
-				p.s.met.iteratorAge.WithLabelValues(p.lane.uuid, p.lane.shard).Set(0)
+				p.ageGauge.Set(0)
 				wait := p.s.cfg.PollInterval
 				if tw > 0 && p.cp.Window != nil {
 					wait = min(wait, max(p.cp.Window.End.Sub(now), time.Millisecond))
@@ -273,7 +337,13 @@ func (p *poller) step(m *skiffv1.EventSourceMapping) error {
 	if len(p.buf) > 0 {
 		end = batch[len(batch)-1].Seq
 	}
-	return p.process(m, batch, end)
+	ra := p.startReadAhead(m, bs, limit)
+	err := p.process(m, batch, end)
+	p.finishReadAhead(m, ra, err == nil)
+	if err != nil && !errors.Is(err, errDone) && !IsStale(err) && p.ctx.Err() == nil {
+		p.rewind()
+	}
+	return err
 }
 
 // take removes the next batch from buf: up to bs records within the
@@ -390,7 +460,7 @@ func (p *poller) process(m *skiffv1.EventSourceMapping, batch []Record, end uint
 			}
 			met.batches.WithLabelValues("success").Inc()
 			met.records.Add(float64(len(b.recs)))
-			met.iteratorAge.WithLabelValues(p.lane.uuid, p.lane.shard).Set(float64(p.s.cfg.Now().Sub(b.recs[len(b.recs)-1].Arrival).Milliseconds()))
+			p.ageGauge.Set(float64(p.s.cfg.Now().Sub(b.recs[len(b.recs)-1].Arrival).Milliseconds()))
 			stack = stack[1:]
 			continue
 		}
@@ -432,12 +502,12 @@ func reportsItemFailures(m *skiffv1.EventSourceMapping) bool {
 // commit checkpoints seq (and the tumbling window w) with this lease.
 func (p *poller) commit(seq uint64, w *Window) error {
 	next := Checkpoint{Seq: seq, Epoch: p.lease.Epoch, Holder: p.lease.Holder, Window: w}
-	cp, err := p.s.cps.commit(p.ctx, p.lane, next, p.fence)
+	cp, err := p.s.cps.commitFrom(p.ctx, p.lane, p.cp, next, p.fence)
 	if err != nil {
 		return err
 	}
 	p.cp = cp
-	p.s.met.checkpointLag.WithLabelValues(p.lane.uuid, p.lane.shard).Set(float64(len(p.buf)))
+	p.lagGauge.Set(float64(len(p.buf)))
 	return nil
 }
 

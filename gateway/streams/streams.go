@@ -236,6 +236,7 @@ type Service struct {
 	pollerWG  sync.WaitGroup
 
 	trigger chan struct{} // coalescing "resync the resources"
+	keepNow chan struct{} // coalescing "tick the lease keeper now" (new lanes)
 
 	closeOnce sync.Once
 }
@@ -286,6 +287,7 @@ func New(ctx context.Context, js jetstream.JetStream, cfg Config, data Streams, 
 		wakes:    map[string]chan struct{}{},
 		watches:  map[string]context.CancelFunc{},
 		trigger:  make(chan struct{}, 1),
+		keepNow:  make(chan struct{}, 1),
 	}, nil
 }
 
@@ -356,9 +358,14 @@ func (s *Service) Run(ctx context.Context) error {
 	return err
 }
 
-// keep ticks the keeper every lease interval; when ctx ends it releases
-// the leases (unless a test simulates a crash).
+// keep ticks the keeper every lease interval, and at once when the
+// tracker added lanes; when ctx ends it releases the leases (unless a test
+// simulates a crash).
 func (s *Service) keep(ctx context.Context, k *lease.Keeper) error {
+	// A ticker, not a pause after each tick: a slow tick (many lanes, a
+	// busy engine) must not push the next heartbeat toward the expiry.
+	t := time.NewTicker(s.ls.Interval())
+	defer t.Stop()
 	for {
 		if err := k.Tick(ctx); err != nil && ctx.Err() == nil {
 			s.log.Warn("stream lease keeper tick failed", "err", err)
@@ -375,7 +382,8 @@ func (s *Service) keep(ctx context.Context, k *lease.Keeper) error {
 				cancel()
 			}
 			return nil
-		case <-time.After(s.ls.Interval()):
+		case <-t.C:
+		case <-s.keepNow:
 		}
 	}
 }

@@ -14,6 +14,9 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
+	"skiff.dev/skiff/gateway/kinesis"
+	"skiff.dev/skiff/gateway/lease"
+	"skiff.dev/skiff/gateway/store"
 	"skiff.dev/skiff/internal/errs"
 )
 
@@ -367,11 +370,96 @@ func distinct(got []seen) int {
 	return len(m)
 }
 
-func counterValue(t *testing.T, c prometheus.Metric) float64 {
+func counterValue(t testing.TB, c prometheus.Metric) float64 {
 	t.Helper()
 	var m dto.Metric
 	if err := c.Write(&m); err != nil {
 		t.Fatal(err)
 	}
 	return m.GetCounter().GetValue()
+}
+
+// TestCheckpointCommitFromCached: a commit from the checkpoint the
+// writer's previous commit returned lands without reading it when nothing
+// else wrote since, and otherwise sees the stored one: a higher epoch
+// fences it, a move of its own epoch is not undone.
+func TestCheckpointCommitFromCached(t *testing.T) {
+	e := newEnv(t, nil)
+	ctx := testCtx(t)
+	cps, err := openCheckpoints(ctx, e.st.JetStream())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln := lane{uuid: "u", shard: "shardId-000000000000", n: 0}
+	ok := func(context.Context) error { return nil }
+	last, err := cps.commit(ctx, ln, Checkpoint{Seq: 10, Epoch: 2, Holder: "a"}, ok)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last, err = cps.commitFrom(ctx, ln, last, Checkpoint{Seq: 20, Epoch: 2, Holder: "a"}, ok); err != nil || last.Seq != 20 {
+		t.Fatalf("from the cached checkpoint: %+v, %v; want sequence 20", last, err)
+	}
+	// Someone else of the same epoch (the tracker's shard end, say)
+	// moves it: the cached revision is stale, the write reads again.
+	if _, err := cps.commit(ctx, ln, Checkpoint{Seq: 25, Epoch: 2, Holder: "a"}, ok); err != nil {
+		t.Fatal(err)
+	}
+	got, err := cps.commitFrom(ctx, ln, last, Checkpoint{Seq: 30, Epoch: 2, Holder: "a"}, ok)
+	if err != nil || got.Seq != 30 {
+		t.Fatalf("from a stale cached checkpoint: %+v, %v; want sequence 30", got, err)
+	}
+	// A new holder claims with a higher epoch: the old writer's cached
+	// checkpoint is stale and its write is fenced.
+	if _, err := cps.commit(ctx, ln, Checkpoint{Seq: 30, Epoch: 3, Holder: "b"}, ok); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := cps.commitFrom(ctx, ln, got, Checkpoint{Seq: 40, Epoch: 2, Holder: "a"}, ok); !IsStale(err) {
+		t.Fatalf("old epoch from its cached checkpoint: got %v, want a stale error", err)
+	}
+	cur, _, err := cps.get(ctx, ln)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur.Seq != 30 || cur.Epoch != 3 || cur.Holder != "b" {
+		t.Fatalf("stored %+v, want sequence 30 at epoch 3 of b", cur)
+	}
+}
+
+// TestNewMappingPolledBeforeNextKeeperTick: the tracker has the lease
+// keeper acquire a new mapping's lanes at once instead of at its next
+// tick (here 5 s away).
+func TestNewMappingPolledBeforeNextKeeperTick(t *testing.T) {
+	ctx := testCtx(t)
+	st, err := store.Open(ctx, store.Config{DataDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = st.Close() })
+	data, err := kinesis.New(ctx, st.JetStream(), kinesis.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err := lease.New(ctx, st.JetStream(), lease.Config{Expiry: 15 * time.Second, Interval: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := &env{st: st, data: data, ls: ls, now: time.Now, dest: &fakeDest{}}
+	inv := &fakeInvoker{}
+	g := e.gateway(t, "g", inv)
+	// The keeper's first tick, at Run's start, found nothing to acquire.
+	e.createStream(t, "s", 2)
+	e.put(t, "s", "k", "1")
+	start := time.Now()
+	e.putMapping(t, mapping("s", "f"))
+	deadline := start.Add(2500 * time.Millisecond)
+	for len(inv.succeeded()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("no batch within %v of the mapping's creation (held %v): the lanes waited for the keeper's next tick", time.Since(start), g.s.Held())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if held := g.s.Held(); len(held) != 2 {
+		t.Errorf("held %v, want the 2 lanes", held)
+	}
+	t.Logf("first batch %v after the mapping was created", time.Since(start).Round(time.Millisecond))
 }

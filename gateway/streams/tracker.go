@@ -66,11 +66,21 @@ func (s *Service) track(ctx context.Context) error {
 	if err != nil {
 		return errors.Join(append(list, err)...)
 	}
+	added := false
 	for r := range want {
 		if _, ok := have[r]; !ok {
 			if err := s.ls.SetDesired(ctx, r, 1); err != nil {
 				list = append(list, err)
+			} else {
+				added = true
 			}
+		}
+	}
+	if added {
+		// New lanes: acquire them now rather than at the next tick.
+		select {
+		case s.keepNow <- struct{}{}:
+		default:
 		}
 	}
 	for r := range have {
