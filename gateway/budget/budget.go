@@ -323,6 +323,16 @@ func (s *Service) write(ctx context.Context, sc *scope, size func(free int64, co
 		n, want, capN := size(max(0, limit-others), contenders, active)
 		n = max(0, n)
 		capN = min(max(0, capN), n)
+		// Admissions go on under the share held while this write is in
+		// flight: lower it now to what is about to be stored (a shrink),
+		// and store at least what runs, admissions made since size looked
+		// included. Otherwise a shrinking renewal stores less than runs
+		// and another gateway takes the difference. A raise waits for
+		// the write.
+		sc.mu.Lock()
+		sc.share = min(sc.share, capN)
+		n = max(n, sc.inflight)
+		sc.mu.Unlock()
 		if cur, ok := rec.Shares[s.holder]; ok && why == "grow" && cur.N == n && cur.Want == want &&
 			time.Unix(0, cur.Expires).Sub(now) > s.cfg.Expiry-s.cfg.Interval {
 			// Nothing would change and the share was renewed lately: a

@@ -247,3 +247,65 @@ func TestConfigValidation(t *testing.T) {
 		t.Fatalf("negative expiry: %v", err)
 	}
 }
+
+// TestExactSmallLimitUnderContention: two gateways, a limit of 2 and
+// clients that keep both saturated with invocations that last a while (so
+// shares shrink and grow while slots are in use): at no moment do more
+// than 2 run. A renewal that shrinks a share must not let the gateway
+// admit, while the write is in flight, beyond the share it stores.
+func TestExactSmallLimitUnderContention(t *testing.T) {
+	js := openJS(t)
+	const limit = 2
+	var gws []*Service
+	for i := range 2 {
+		g, err := New(context.Background(), js, fmt.Sprintf("gw-%d", i), Config{Expiry: 600 * time.Millisecond, Interval: 200 * time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		gws = append(gws, g)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var bg sync.WaitGroup
+	for _, g := range gws {
+		bg.Add(1)
+		go func() { defer bg.Done(); _ = g.Run(ctx) }()
+	}
+	var (
+		running, peak atomic.Int64
+		admitted      [2]atomic.Int64
+		wg            sync.WaitGroup
+	)
+	deadline := time.Now().Add(3 * time.Second)
+	for w := range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			g := gws[w%2]
+			for time.Now().Before(deadline) {
+				ok, err := g.Acquire(context.Background(), "fn.small", limit)
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if !ok {
+					time.Sleep(2 * time.Millisecond)
+					continue
+				}
+				n := running.Add(1)
+				for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+				}
+				admitted[w%2].Add(1)
+				time.Sleep(20 * time.Millisecond)
+				running.Add(-1)
+				g.Release("fn.small")
+			}
+		}()
+	}
+	wg.Wait()
+	cancel()
+	bg.Wait()
+	t.Logf("peak %d of %d; admitted %d / %d", peak.Load(), limit, admitted[0].Load(), admitted[1].Load())
+	if p := peak.Load(); p > limit {
+		t.Fatalf("%d invocations ran at once, limit %d", p, limit)
+	}
+}

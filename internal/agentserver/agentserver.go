@@ -322,7 +322,11 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	}()
 	if len(cfg.GossipJoin) > 0 {
 		bg.Add(1)
-		go func() { defer bg.Done(); joinLoop(bgCtx, node, cfg.GossipJoin, log) }()
+		go func() {
+			defer bg.Done()
+			joinLoop(bgCtx, node, cfg.GossipJoin, log)
+			rejoinLoop(bgCtx, node, cfg.GossipJoin, rejoinInterval, log)
+		}()
 	}
 	bg.Add(1)
 	go func() {
@@ -480,6 +484,67 @@ func joinLoop(ctx context.Context, node *gossip.Node, addrs []string, log *slog.
 		}
 		delay = min(2*delay, 30*time.Second)
 	}
+}
+
+// rejoinInterval is how often an agent that sees no gateway alive looks
+// for one to rejoin through.
+const rejoinInterval = time.Second
+
+// rejoiner is what rejoinLoop needs of the gossip member.
+type rejoiner interface {
+	Members() []gossip.Member
+	Join(addrs []string) (int, error)
+}
+
+// rejoinLoop keeps the agent in the cluster after its first join. A
+// partition that cuts it off from the gateways for longer than the failure
+// detection gets it declared dead, and memberlist stops talking to dead
+// members (and the agent to the members it declared dead) shortly after:
+// healed, neither side would reach out again. So while the agent sees no
+// gateway alive, it checks every interval which seeds answer a TCP dial
+// (quickly: a join's own dial waits for memberlist's TCP timeout) and
+// joins through those, which also refutes its death in their views.
+func rejoinLoop(ctx context.Context, node rejoiner, seeds []string, interval time.Duration, log *slog.Logger) {
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	dialer := &net.Dialer{Timeout: interval / 2}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if gatewayAlive(node.Members()) {
+			continue
+		}
+		var up []string
+		for _, s := range seeds {
+			c, err := dialer.DialContext(ctx, "tcp", s)
+			if err == nil {
+				_ = c.Close()
+				up = append(up, s)
+			}
+		}
+		if len(up) == 0 {
+			continue
+		}
+		if n, err := node.Join(up); err != nil {
+			log.Warn("rejoining the gossip cluster failed; retrying", "seeds", up, "err", err)
+		} else {
+			log.Info("rejoined the gossip cluster: no gateway was alive in this agent's view", "reached", n)
+		}
+	}
+}
+
+// gatewayAlive reports whether members hold a gateway that is alive (or
+// only suspected).
+func gatewayAlive(members []gossip.Member) bool {
+	for _, m := range members {
+		if m.Tags.Role == gossip.RoleGateway && (m.State == gossip.StateAlive || m.State == gossip.StateSuspect) {
+			return true
+		}
+	}
+	return false
 }
 
 // capacitySource is what publishCapacity reads.

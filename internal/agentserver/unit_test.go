@@ -241,3 +241,113 @@ func TestGatewayCodeChecks(t *testing.T) {
 		t.Error("fetch without a client certificate succeeded")
 	}
 }
+
+// fakeRejoiner is a gossip member whose view the test sets.
+type fakeRejoiner struct {
+	mu      sync.Mutex
+	members []gossip.Member
+	joins   [][]string
+	onJoin  func() // run on each Join, e.g. to make the gateway alive
+}
+
+func (f *fakeRejoiner) Members() []gossip.Member {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]gossip.Member(nil), f.members...)
+}
+
+func (f *fakeRejoiner) Join(addrs []string) (int, error) {
+	f.mu.Lock()
+	f.joins = append(f.joins, append([]string(nil), addrs...))
+	on := f.onJoin
+	f.mu.Unlock()
+	if on != nil {
+		on()
+	}
+	return len(addrs), nil
+}
+
+func (f *fakeRejoiner) setGateway(s gossip.State) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.members = []gossip.Member{
+		{Name: "a1", Tags: gossip.Tags{Role: gossip.RoleAgent}, State: gossip.StateAlive},
+		{Name: "gw", Tags: gossip.Tags{Role: gossip.RoleGateway}, State: s},
+	}
+}
+
+func (f *fakeRejoiner) joined() [][]string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([][]string(nil), f.joins...)
+}
+
+// TestRejoinLoop: an agent that sees a gateway alive never rejoins; one
+// that sees every gateway dead (a healed partition) joins again through
+// the seeds that answer, and stops once a gateway is alive.
+func TestRejoinLoop(t *testing.T) {
+	up, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	go func() {
+		for {
+			c, err := up.Accept()
+			if err != nil {
+				return
+			}
+			c.Close()
+		}
+	}()
+	down, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	downAddr := down.Addr().String()
+	down.Close() // nothing listens there: the dial is refused
+
+	f := &fakeRejoiner{}
+	f.setGateway(gossip.StateAlive)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		rejoinLoop(ctx, f, []string{downAddr, up.Addr().String()}, 20*time.Millisecond, slog.New(slog.DiscardHandler))
+	}()
+	defer func() { cancel(); <-done }()
+
+	// A live gateway: ten intervals without a join.
+	deadline := time.Now().Add(200 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		if j := f.joined(); len(j) > 0 {
+			t.Fatalf("joined %v while a gateway was alive", j)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+
+	// Every gateway dead: it joins through the seed that answers, and the
+	// join makes the gateway alive again.
+	f.mu.Lock()
+	f.onJoin = func() { f.setGateway(gossip.StateAlive) }
+	f.mu.Unlock()
+	f.setGateway(gossip.StateDead)
+	deadline = time.Now().Add(5 * time.Second)
+	for len(f.joined()) == 0 {
+		if time.Now().After(deadline) {
+			t.Fatal("no rejoin 5 s after every gateway was dead")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if j := f.joined(); len(j[0]) != 1 || j[0][0] != up.Addr().String() {
+		t.Fatalf("rejoined through %v, want only the seed that answers (%s)", j[0], up.Addr())
+	}
+	// Alive again: no more joins.
+	deadline = time.Now().Add(200 * time.Millisecond)
+	for time.Now().Before(deadline) {
+		if j := f.joined(); len(j) != 1 {
+			t.Fatalf("joined %d times, want once: %v", len(j), j)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
