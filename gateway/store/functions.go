@@ -58,6 +58,15 @@ func (c *functionCache) applyEntry(e jetstream.KeyValueEntry) {
 	c.apply(e.Key(), fn, e.Revision())
 }
 
+// known reports whether the cache has seen name at all (a deleted
+// function is known, by its delete marker).
+func (c *functionCache) known(name string) bool {
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	_, ok := c.entries[name]
+	return ok
+}
+
 func (c *functionCache) get(name string) (*skiffv1.Function, uint64, bool) {
 	c.mu.RLock()
 	defer c.mu.RUnlock()
@@ -128,6 +137,20 @@ func (s *Store) GetFunction(ctx context.Context, name string) (*skiffv1.Function
 		return nil, err
 	}
 	fn, _, ok := s.fns.get(name)
+	if !ok && !s.fns.known(name) {
+		// Never seen here: with several gateways the function may have
+		// been created through another one a moment ago, before this
+		// gateway's watch delivered it. Ask the bucket.
+		e, err := s.functionsKV.Get(ctx, name)
+		switch {
+		case errors.Is(err, jetstream.ErrKeyNotFound), errors.Is(err, jetstream.ErrKeyDeleted):
+		case err != nil:
+			return nil, wrapErr(err, "reading function %s", name)
+		default:
+			s.fns.applyEntry(e)
+			fn, _, ok = s.fns.get(name)
+		}
+	}
 	if !ok {
 		return nil, errs.NotFound("function %s not found", name)
 	}

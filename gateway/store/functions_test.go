@@ -382,3 +382,36 @@ func TestSumReserved(t *testing.T) {
 		t.Fatalf("SumReserved after delete: got %d, want 10", got)
 	}
 }
+
+// TestGetFunctionNotYetWatched: a function this gateway's watch has not
+// delivered yet (created through another gateway a moment ago) is read
+// from the bucket instead of being reported missing; one this gateway
+// saw deleted is missing without asking.
+func TestGetFunctionNotYetWatched(t *testing.T) {
+	s := openStore(t, Config{})
+	ctx := testCtx(t)
+	created, err := s.CreateFunction(ctx, newFn("elsewhere", 128))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Forget it, as a gateway whose watch is behind would not know it.
+	s.fns.mu.Lock()
+	delete(s.fns.entries, "elsewhere")
+	s.fns.mu.Unlock()
+	got, err := s.GetFunction(ctx, "elsewhere")
+	if err != nil {
+		t.Fatalf("GetFunction of a function the cache has not seen: %v", err)
+	}
+	if got.GetRevision() != created.GetRevision() {
+		t.Fatalf("revision %d, want %d", got.GetRevision(), created.GetRevision())
+	}
+	if _, err := s.GetFunction(ctx, "never-created"); !errs.IsNotFound(err) {
+		t.Fatalf("GetFunction of a missing function: %v, want NotFound", err)
+	}
+	if err := s.DeleteFunction(ctx, "elsewhere"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetFunction(ctx, "elsewhere"); !errs.IsNotFound(err) {
+		t.Fatalf("GetFunction after delete: %v, want NotFound", err)
+	}
+}
