@@ -63,18 +63,27 @@ type Cluster struct {
 	// function's sandboxes spread (the gossiped summaries carry only the
 	// top idle counts); guarded by mu.
 	starts map[string]map[string][]time.Time
+	// pending: invocations of a function running now per host, so that
+	// concurrent cold starts spread before the gossiped view shows them;
+	// guarded by mu.
+	pending map[string]map[string]int
 }
 
-// sandboxes counts a function's recent cold starts per host.
+// sandboxes counts a function's sandboxes per host as this gateway knows
+// them: its recent cold starts and its invocations running now.
 func (c *Cluster) sandboxes(function string) map[string]int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	hosts := c.starts[function]
-	if len(hosts) == 0 {
+	pend := c.pending[function]
+	if len(hosts) == 0 && len(pend) == 0 {
 		return nil
 	}
 	cutoff := c.cfg.Now().Add(-c.cfg.SpreadWindow)
-	out := make(map[string]int, len(hosts))
+	out := make(map[string]int, len(hosts)+len(pend))
+	for h, n := range pend {
+		out[h] = n
+	}
 	for h, ts := range hosts {
 		i := 0
 		for i < len(ts) && ts[i].Before(cutoff) {
@@ -85,12 +94,28 @@ func (c *Cluster) sandboxes(function string) map[string]int {
 			continue
 		}
 		hosts[h] = ts
-		out[h] = len(ts)
+		out[h] += len(ts)
 	}
 	if len(hosts) == 0 {
 		delete(c.starts, function)
 	}
 	return out
+}
+
+func (c *Cluster) pend(function, host string, delta int) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	m := c.pending[function]
+	if m == nil {
+		m = map[string]int{}
+		c.pending[function] = m
+	}
+	if m[host] += delta; m[host] <= 0 {
+		delete(m, host)
+		if len(m) == 0 {
+			delete(c.pending, function)
+		}
+	}
 }
 
 func (c *Cluster) started(function, host string) {
@@ -177,6 +202,7 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 		clients:  map[string]Agent{},
 		inflight: map[string]map[*context.CancelCauseFunc]struct{}{},
 		starts:   map[string]map[string][]time.Time{},
+		pending:  map[string]map[string]int{},
 		rng:      rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())),
 	}, nil
 }
@@ -262,10 +288,12 @@ func (c *Cluster) Invoke(ctx context.Context, req *skiffv1.AgentInvokeRequest) (
 		host := byName[d.Host]
 		req.WarmOnly = d.Warm
 		var resp *connect.Response[skiffv1.AgentInvokeResponse]
+		c.pend(spec.GetFunctionName(), d.Host, 1)
 		err = c.track(ctx, d.Host, func(ctx context.Context) (err error) {
 			resp, err = c.client(host.Tags.RPCAddr).Invoke(ctx, connect.NewRequest(req))
 			return err
 		})
+		c.pend(spec.GetFunctionName(), d.Host, -1)
 		if err == nil {
 			if resp.Msg.GetColdStart() {
 				c.started(spec.GetFunctionName(), d.Host)

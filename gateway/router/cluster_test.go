@@ -254,7 +254,7 @@ type blockingAgent struct {
 }
 
 func (a *blockingAgent) Invoke(ctx context.Context, _ *connect.Request[skiffv1.AgentInvokeRequest]) (*connect.Response[skiffv1.AgentInvokeResponse], error) {
-	close(a.started)
+	a.started <- struct{}{}
 	<-ctx.Done()
 	return nil, connect.NewError(connect.CodeCanceled, ctx.Err())
 }
@@ -264,7 +264,7 @@ func (a *blockingAgent) Invoke(ctx context.Context, _ *connect.Request[skiffv1.A
 // naming the host, instead of waiting for the transport to notice.
 func TestClusterHostFailedFailsInFlight(t *testing.T) {
 	members := &fakeMembers{members: []gossip.Member{agentMember(t, "a", 2048, nil)}}
-	a := &blockingAgent{hostAgent: hostAgent{name: "a"}, started: make(chan struct{})}
+	a := &blockingAgent{hostAgent: hostAgent{name: "a"}, started: make(chan struct{}, 1)}
 	c, err := NewCluster(ClusterConfig{Members: members, Dial: func(string) Agent { return a }})
 	if err != nil {
 		t.Fatal(err)
@@ -338,4 +338,62 @@ func TestClusterSpreadsColdStarts(t *testing.T) {
 	if got := c.sandboxes("f"); len(got) != 0 {
 		t.Fatalf("starts after the window: %v, want none", got)
 	}
+}
+
+// TestClusterSpreadsConcurrentColdStarts: invocations of a new function
+// arriving together spread over the hosts (the gossiped view does not
+// show them yet): each running invocation counts on its host.
+func TestClusterSpreadsConcurrentColdStarts(t *testing.T) {
+	var members []gossip.Member
+	agents := map[string]*blockingAgent{}
+	for i := range 3 {
+		name := fmt.Sprintf("h%d", i)
+		members = append(members, agentMember(t, name, 4096, nil))
+		agents[name] = &blockingAgent{hostAgent: hostAgent{name: name}, started: make(chan struct{}, 100)}
+	}
+	c, err := NewCluster(ClusterConfig{Members: &fakeMembers{members: members},
+		Dial: func(addr string) Agent { return agents[strings.TrimSuffix(addr, ":7071")] }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for i := range 9 {
+		wg.Go(func() { _, _ = c.Invoke(ctx, invokeReq("k")) })
+		// Wait until it runs on some host before the next arrives.
+		deadline := time.Now().Add(5 * time.Second)
+		for {
+			n := 0
+			for _, a := range agents {
+				n += len(a.started)
+			}
+			if n == i+1 && c.total() == i+1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatal("invocation never started")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	for name, a := range agents {
+		if n := len(a.started); n != 3 {
+			t.Errorf("host %s runs %d of 9 concurrent invocations, want 3", name, n)
+		}
+	}
+	cancel()
+	wg.Wait()
+}
+
+// total counts the invocations running now.
+func (c *Cluster) total() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, hosts := range c.pending {
+		for _, k := range hosts {
+			n += k
+		}
+	}
+	return n
 }
