@@ -304,6 +304,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if err != nil {
 		return err
 	}
+	if gc, ok := code.(*GatewayCode); ok {
+		// Code from any gateway alive in gossip when --gateway is down.
+		gc.SetGateways(func() []string {
+			var out []string
+			for _, m := range node.Members() {
+				if m.Tags.Role == gossip.RoleGateway && m.Tags.RPCAddr != "" && m.State == gossip.StateAlive {
+					out = append(out, "https://"+m.Tags.RPCAddr)
+				}
+			}
+			return out
+		})
+	}
 	var bg sync.WaitGroup
 	bgCtx, stopBG := context.WithCancel(context.Background())
 	stopGossip := func() {

@@ -6,6 +6,8 @@ import (
 	"crypto/tls"
 	"encoding/hex"
 	"net/http"
+	"slices"
+	"sync"
 	"time"
 
 	"connectrpc.com/connect"
@@ -28,8 +30,48 @@ const maxCodeChunk = 2 << 20
 // CodeService, over the cluster's mutual TLS. It is the agent's
 // codecache.Fetcher in a cluster.
 type GatewayCode struct {
-	client skiffv1connect.CodeServiceClient
-	max    int64
+	hc      *http.Client
+	primary string
+	max     int64
+
+	mu       sync.Mutex
+	clients  map[string]skiffv1connect.CodeServiceClient // by base URL; guarded by mu
+	gateways func() []string                            // other gateways' base URLs; guarded by mu
+}
+
+// SetGateways gives the fetcher the other gateways to try when the one it
+// was configured with does not answer (from gossip: gateways come and go).
+func (g *GatewayCode) SetGateways(f func() []string) {
+	g.mu.Lock()
+	g.gateways = f
+	g.mu.Unlock()
+}
+
+func (g *GatewayCode) client(baseURL string) skiffv1connect.CodeServiceClient {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	c, ok := g.clients[baseURL]
+	if !ok {
+		c = skiffv1connect.NewCodeServiceClient(g.hc, baseURL, connect.WithReadMaxBytes(maxCodeChunk))
+		g.clients[baseURL] = c
+	}
+	return c
+}
+
+// urls is the configured gateway first, then the others.
+func (g *GatewayCode) urls() []string {
+	g.mu.Lock()
+	f := g.gateways
+	g.mu.Unlock()
+	out := []string{g.primary}
+	if f != nil {
+		for _, u := range f() {
+			if !slices.Contains(out, u) {
+				out = append(out, u)
+			}
+		}
+	}
+	return out
 }
 
 // NewGatewayCode returns a fetcher for the gateway at baseURL
@@ -41,17 +83,31 @@ func NewGatewayCode(baseURL string, clientTLS *tls.Config) *GatewayCode {
 		TLSHandshakeTimeout: 10 * time.Second,
 		IdleConnTimeout:     90 * time.Second,
 	}
-	hc := &http.Client{Transport: tr}
-	return &GatewayCode{
-		client: skiffv1connect.NewCodeServiceClient(hc, baseURL, connect.WithReadMaxBytes(maxCodeChunk)),
-		max:    MaxCodeBytes,
-	}
+	return &GatewayCode{hc: &http.Client{Transport: tr}, primary: baseURL, max: MaxCodeBytes,
+		clients: map[string]skiffv1connect.CodeServiceClient{}}
 }
 
-// FetchCode streams the archive with the digest and checks that it hashes
-// to it.
+// FetchCode streams the archive with the digest from the configured
+// gateway, or, when it does not answer, from the other gateways in turn,
+// and checks that it hashes to the digest. A gateway's NotFound is final:
+// gateways share their storage.
 func (g *GatewayCode) FetchCode(ctx context.Context, sha256hex string) ([]byte, error) {
-	stream, err := g.client.GetCode(ctx, connect.NewRequest(&skiffv1.GetCodeRequest{CodeSha256: sha256hex}))
+	var last error
+	for _, u := range g.urls() {
+		b, err := g.fetchFrom(ctx, u, sha256hex)
+		if err == nil {
+			return b, nil
+		}
+		if ctx.Err() != nil || errs.IsNotFound(err) || errs.IsInvalid(err) {
+			return nil, err
+		}
+		last = err
+	}
+	return nil, last
+}
+
+func (g *GatewayCode) fetchFrom(ctx context.Context, baseURL, sha256hex string) ([]byte, error) {
+	stream, err := g.client(baseURL).GetCode(ctx, connect.NewRequest(&skiffv1.GetCodeRequest{CodeSha256: sha256hex}))
 	if err != nil {
 		return nil, errs.FromConnect(err)
 	}

@@ -234,6 +234,21 @@ func TestGatewayCodeChecks(t *testing.T) {
 	}
 	srv.lie = nil
 
+	// The configured gateway is down: the code comes from another one
+	// gossip knows; its NotFound is final (gateways share storage).
+	down := "https://127.0.0.1:1"
+	g2 := NewGatewayCode(down, clientTLS)
+	if _, err := g2.FetchCode(context.Background(), digest); err == nil {
+		t.Fatal("fetch from a gateway that is down succeeded")
+	}
+	g2.SetGateways(func() []string { return []string{down, c.serveCode(srv)} })
+	if got, err := g2.FetchCode(context.Background(), digest); err != nil || !bytes.Equal(got, code) {
+		t.Fatalf("fetch with the configured gateway down: %d bytes, %v", len(got), err)
+	}
+	if _, err := g2.FetchCode(context.Background(), strings.Repeat("0", 64)); !errs.IsNotFound(err) {
+		t.Errorf("unknown digest through the fallback: %v, want not found", err)
+	}
+
 	// A fetcher without a cluster certificate gets nothing.
 	noCert := clientTLS.Clone()
 	noCert.Certificates = nil
