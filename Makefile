@@ -34,7 +34,7 @@ test: $(NATS_SERVER)
 test-short:
 	$(GOTEST) -short -count=1 ./...
 
-bench: build
+bench: build $(NATS_SERVER)
 	GOBIN=$(TOOLS) $(GO) install github.com/aws/aws-lambda-runtime-interface-emulator/cmd/aws-lambda-rie@v0.0.0-20261030222936-bef5c4ba774d
 	$(GO) run ./bench -out docs/benchmarks.md
 

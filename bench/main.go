@@ -8,7 +8,11 @@
 // measures stream event source mappings (records/s end to end over a
 // backlog with 1 and 8 shards against JetStream's own consume rate of the
 // same records, IteratorAge at a steady rate, lease takeover after a kill
-// -9 of a `skiff dev` process), and prints tables with the ratios and the issues' targets (also written as
+// -9 of a `skiff dev` process), then measures a cluster of real `skiff
+// gateway` and `skiff agent` processes (invoke latency through a gateway
+// to an agent in another network namespace against skiff dev in-process,
+// failure detection, lease takeover, placement decisions at 1,000
+// simulated agents), and prints tables with the ratios and the issues' targets (also written as
 // markdown to -out). It reports and does not judge: a missed target still
 // exits 0; only a failure to measure does not.
 // It needs root (sandboxes are namespace jails).
@@ -64,6 +68,7 @@ type config struct {
 	sync, async  bool // sections to run
 	network      bool
 	streams      bool
+	cluster      bool
 	asyncClients int
 	asyncEvents  int
 	e2eRate      int
@@ -94,7 +99,7 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 	fs.BoolVar(&c.acceptGzip, "accept-gzip", true, "let the Connect client accept gzip responses, as connect-go's does by default (false: the server sends them uncompressed)")
 	fs.DurationVar(&c.timeout, "timeout", 10*time.Minute, "give up after this long")
 	durability := fs.String("durability", "always,interval", "async durability settings to measure, in this order")
-	sections := fs.String("sections", "sync,async,network,streams", "sections to run: sync (invoke latency, throughput, memory), async (accept, end to end), network (egress start cost, eBPF throughput cost), streams (stream mapping records/s, IteratorAge, lease takeover)")
+	sections := fs.String("sections", "sync,async,network,streams,cluster", "sections to run: sync (invoke latency, throughput, memory), async (accept, end to end), network (egress start cost, eBPF throughput cost), streams (stream mapping records/s, IteratorAge, lease takeover), cluster (gateway → agent hop, failure detection, gateway lease takeover, placement at 1,000 agents)")
 	only := fs.String("only", "", "run only these sections (same values as -sections, which it overrides)")
 	fs.IntVar(&c.asyncClients, "async-clients", 12, "concurrent clients of the async accept and raw JetStream phases")
 	fs.IntVar(&c.asyncEvents, "async-events", 2000, "events each async client sends")
@@ -124,8 +129,10 @@ func parseFlags(args []string, stderr io.Writer) (config, error) {
 			c.network = true
 		case "streams":
 			c.streams = true
+		case "cluster":
+			c.cluster = true
 		default:
-			return c, fmt.Errorf("-sections: unknown section %q (want sync, async, network, streams)", sec)
+			return c, fmt.Errorf("-sections: unknown section %q (want sync, async, network, streams, cluster)", sec)
 		}
 	}
 	for _, d := range strings.Split(*durability, ",") {
@@ -205,6 +212,11 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) (err erro
 	}
 	if cfg.streams {
 		if res.streams, err = benchStreams(ctx, cfg, repo, fn, progress); err != nil {
+			return err
+		}
+	}
+	if cfg.cluster {
+		if res.cluster, err = benchCluster(ctx, cfg, repo, fn, progress); err != nil {
 			return err
 		}
 	}

@@ -44,6 +44,7 @@ type results struct {
 	async      []asyncResult // one per durability setting
 	network    *networkResult
 	streams    *streamsResult
+	cluster    *clusterResult
 	took       time.Duration
 }
 
@@ -127,6 +128,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 	if r.streams != nil {
 		r.streams.writeTable(p)
 	}
+	if r.cluster != nil {
+		r.cluster.writeTable(p, c)
+	}
 	p("")
 	p("| Target | Measured | Goal | Result |")
 	p("|---|---|---|---|")
@@ -147,6 +151,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 	}
 	if r.streams != nil {
 		r.streams.writeTargets(p)
+	}
+	if r.cluster != nil {
+		r.cluster.writeTargets(p)
 	}
 	p("")
 	p("How it is measured:")
@@ -182,6 +189,9 @@ func (r *results) writeMarkdown(w io.Writer) error {
 	}
 	if r.streams != nil {
 		r.streams.writeMethod(p, c)
+	}
+	if r.cluster != nil {
+		r.cluster.writeMethod(p, c)
 	}
 	_, err := io.WriteString(w, b.String())
 	return err
