@@ -3,6 +3,7 @@ package lease
 import (
 	"context"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"skiff.dev/skiff/internal/errs"
@@ -37,7 +38,14 @@ type Keeper struct {
 
 	mu   sync.Mutex
 	held map[string]Lease // by Key(); guarded by mu
+
+	kick  chan struct{} // Service.Kick: tick now
+	ticks atomic.Int64  // completed ticks (tests wait on it)
 }
+
+// Kicked is signalled when the service asks its keepers to tick now (a
+// holder was declared dead): a loop running Tick selects on it.
+func (k *Keeper) Kicked() <-chan struct{} { return k.kick }
 
 // NewKeeper returns a Keeper for holder that holds at most max slots of
 // the resources match accepts (nil accepts all). gained and lost may be
@@ -56,7 +64,26 @@ func (s *Service) NewKeeper(holder string, max int, match func(string) bool, gai
 	if lost == nil {
 		lost = func(Lease) {}
 	}
-	return &Keeper{s: s, holder: holder, max: max, match: match, gained: gained, lost: lost, held: map[string]Lease{}}
+	k := &Keeper{s: s, holder: holder, max: max, match: match, gained: gained, lost: lost, held: map[string]Lease{},
+		kick: make(chan struct{}, 1)}
+	s.kickMu.Lock()
+	s.keepers = append(s.keepers, k)
+	s.kickMu.Unlock()
+	return k
+}
+
+// Kick makes every keeper of this service tick at once instead of at its
+// next interval: call it when a holder was declared dead (gossip), so the
+// dead holder's slots are taken over now.
+func (s *Service) Kick() {
+	s.kickMu.Lock()
+	defer s.kickMu.Unlock()
+	for _, k := range s.keepers {
+		select {
+		case k.kick <- struct{}{}:
+		default: // a tick is pending already
+		}
+	}
 }
 
 // Holder returns the keeper's holder name.
@@ -104,6 +131,7 @@ func (k *Keeper) Run(ctx context.Context) error {
 			defer cancel()
 			k.ReleaseAll(rctx)
 			return nil
+		case <-k.kick:
 		case <-t.C:
 		}
 	}
@@ -119,6 +147,7 @@ func (k *Keeper) Tick(ctx context.Context) error {
 	}
 	k.tickMu.Lock()
 	defer k.tickMu.Unlock()
+	defer k.ticks.Add(1)
 
 	// Heartbeats go out concurrently: one at a time, a keeper holding
 	// many leases on a slow disk (each write is fsynced) could take longer

@@ -451,3 +451,45 @@ func TestKeeperTakesOverDeadHolder(t *testing.T) {
 	}
 	wantLost(t, "a's Check after the takeover", sa.Check(testCtx(t), gained[0]))
 }
+
+// TestKickTicksAtOnce: a running keeper whose interval is long takes a
+// dead holder's slot as soon as the service is kicked, not at its next
+// interval.
+func TestKickTicksAtOnce(t *testing.T) {
+	e := newEnv(t)
+	var dead atomic.Bool
+	s, err := New(testCtx(t), e.js, Config{Expiry: time.Hour, Dead: func(h string) bool { return dead.Load() && h == "gw-a/async" }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	mustSetDesired(t, s, "async:q", 1)
+	if got := mustAcquire(t, s, "gw-a/async", 1, nil); len(got) != 1 {
+		t.Fatalf("a acquired %v", views(got))
+	}
+	rb := newRecorder()
+	kb := rb.keeper(s, "gw-b/async", 4, nil)
+	ctx, cancel := context.WithCancel(testCtx(t))
+	done := make(chan error, 1)
+	go func() { done <- kb.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	// Once the first tick ran (nothing free), the next is 20 minutes away.
+	for deadline := time.Now().Add(10 * time.Second); kb.ticks.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the keeper never ticked")
+		}
+		time.Sleep(time.Millisecond) // polling a condition, with a deadline
+	}
+	if g, _ := rb.take(); len(g) != 0 {
+		t.Fatalf("b gained %v from a live holder", views(g))
+	}
+	dead.Store(true)
+	s.Kick()
+	select {
+	case l := <-rb.gainedc:
+		if l.Resource != "async:q" || l.Holder != "gw-b/async" {
+			t.Fatalf("gained %v", l)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the kicked keeper did not take the dead holder's slot")
+	}
+}

@@ -47,6 +47,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go/jetstream"
@@ -137,6 +138,9 @@ type Service struct {
 	log *slog.Logger
 	kv  jetstream.KeyValue
 	m   *metrics
+
+	kickMu  sync.Mutex
+	keepers []*Keeper // guarded by kickMu
 }
 
 // New opens (creating it if needed) the "leases" bucket.

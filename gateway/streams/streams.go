@@ -384,6 +384,7 @@ func (s *Service) keep(ctx context.Context, k *lease.Keeper) error {
 			return nil
 		case <-t.C:
 		case <-s.keepNow:
+		case <-k.Kicked():
 		}
 	}
 }

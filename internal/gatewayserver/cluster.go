@@ -171,7 +171,8 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 		mux.Handle(skiffv1connect.ClusterServiceJoinProcedure, h) // only Join: the rest needs an admin key, on the API listener
 		codeservice.New(p.Store).Mount(mux)
 		// Membership events: an agent declared dead fails the invocations
-		// running on it at once.
+		// running on it at once; a gateway declared dead or gone has its
+		// leases taken over at once.
 		p.Background(func(ctx context.Context) error {
 			for {
 				select {
@@ -180,6 +181,11 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 				case ev, ok := <-node.Events():
 					if !ok {
 						return nil
+					}
+					if (ev.Type == gossip.EventFail || ev.Type == gossip.EventLeave) && ev.Member.Tags.Role == gossip.RoleGateway {
+						// Its leases are free now (HolderDead): take them
+						// at once, not at the keepers' next tick.
+						p.Leases.Kick()
 					}
 					if ev.Type == gossip.EventFail && ev.Member.Tags.Role == gossip.RoleAgent {
 						if cfg.Logger != nil {

@@ -57,6 +57,9 @@ type Parts struct {
 	Store    *store.Store
 	Frontend *frontend.Frontend
 	Registry *prometheus.Registry
+	// Leases is the leasing service of the pollers (Kick it when gossip
+	// declares a gateway dead).
+	Leases *lease.Service
 	// Background runs fn with the other background work: its error (other
 	// than context.Canceled) ends the server.
 	Background func(fn func(ctx context.Context) error)
@@ -275,7 +278,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	fe.Mount(mux)
 	mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{}))
 	if cfg.Mount != nil {
-		if err := cfg.Mount(mux, Parts{Store: st, Frontend: fe, Registry: reg, Background: background}); err != nil {
+		if err := cfg.Mount(mux, Parts{Store: st, Frontend: fe, Registry: reg, Leases: leases, Background: background}); err != nil {
 			return err
 		}
 	}
