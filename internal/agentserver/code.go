@@ -36,7 +36,7 @@ type GatewayCode struct {
 
 	mu       sync.Mutex
 	clients  map[string]skiffv1connect.CodeServiceClient // by base URL; guarded by mu
-	gateways func() []string                            // other gateways' base URLs; guarded by mu
+	gateways func() []string                             // other gateways' base URLs; guarded by mu
 }
 
 // SetGateways gives the fetcher the other gateways to try when the one it
