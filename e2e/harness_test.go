@@ -23,34 +23,8 @@ import (
 	"skiff.dev/skiff/internal/testutil"
 )
 
-var (
-	binOnce sync.Once
-	binPath string
-	binErr  error
-)
-
 // skiffBinary builds cmd/skiff once per test run.
-func skiffBinary(t *testing.T) string {
-	t.Helper()
-	binOnce.Do(func() {
-		dir, err := os.MkdirTemp("", "skiff-e2e-bin")
-		if err != nil {
-			binErr = err
-			return
-		}
-		binPath = filepath.Join(dir, "skiff")
-		cmd := exec.Command("go", "build", "-o", binPath, "./cmd/skiff")
-		cmd.Dir = testutil.RepoRoot(t)
-		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			binErr = fmt.Errorf("building skiff: %v\n%s", err, out)
-		}
-	})
-	if binErr != nil {
-		t.Fatal(binErr)
-	}
-	return binPath
-}
+func skiffBinary(t *testing.T) string { return testutil.SkiffBinary(t) }
 
 // dev is a running `skiff dev` process.
 type dev struct {
@@ -279,4 +253,10 @@ func mustInvoke(t *testing.T, c clients, name, payload string) *skiffv1.InvokeRe
 		t.Fatalf("invoking %s with %.80s: %v", name, payload, err)
 	}
 	return r
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testutil.RemoveSkiffBinary()
+	os.Exit(code)
 }

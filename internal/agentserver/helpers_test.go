@@ -35,9 +35,7 @@ func TestMain(m *testing.M) {
 		jail.InitMain()
 	}
 	code := m.Run()
-	if binPath != "" {
-		_ = os.RemoveAll(filepath.Dir(binPath))
-	}
+	testutil.RemoveSkiffBinary()
 	os.Exit(code)
 }
 

@@ -140,3 +140,45 @@ func ChildPIDs(pid int) []int {
 	}
 	return out
 }
+
+var (
+	skiffMu  sync.Mutex
+	skiffBin string
+)
+
+// SkiffBinary builds cmd/skiff once per test binary (CGO off, as
+// released) and returns its path, for tests that run real skiff
+// processes. The binary outlives the test that built it (later tests use
+// it too), so it lives in a directory of the system's temporary space.
+func SkiffBinary(t testing.TB) string {
+	t.Helper()
+	skiffMu.Lock()
+	defer skiffMu.Unlock()
+	if skiffBin != "" {
+		return skiffBin
+	}
+	dir, err := os.MkdirTemp("", "skiff-test-bin")
+	if err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "skiff")
+	cmd := exec.Command("go", "build", "-o", path, "./cmd/skiff")
+	cmd.Dir = RepoRoot(t)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("building skiff: %v\n%s", err, out)
+	}
+	skiffBin = path
+	return path
+}
+
+// RemoveSkiffBinary removes what SkiffBinary built; call it from TestMain
+// after m.Run.
+func RemoveSkiffBinary() {
+	skiffMu.Lock()
+	defer skiffMu.Unlock()
+	if skiffBin != "" {
+		_ = os.RemoveAll(filepath.Dir(skiffBin))
+		skiffBin = ""
+	}
+}
