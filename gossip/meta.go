@@ -80,9 +80,22 @@ type Summary struct {
 	Idle          int
 	Load          float64
 
-	warm  map[uint64]int // key hash → idle count, top N only
+	warm  []warmKey // key hash and idle count, top N only (a few: a scan beats a map)
 	bloom []byte
 }
+
+type warmKey struct {
+	key uint64
+	n   int
+}
+
+// Key is a function version key or a code digest hashed for summary
+// lookups: hash it once with KeyOf and look it up in many summaries
+// (placement does, over every host, for every decision).
+type Key uint64
+
+// KeyOf hashes a function version key or a code digest.
+func KeyOf(s string) Key { return Key(hashKey(s)) }
 
 // WarmIdle reports the idle warm sandboxes of a function version on the
 // host, 0 when the version is not among the host's top N.
@@ -90,7 +103,20 @@ func (s *Summary) WarmIdle(function string) int {
 	if s == nil || len(s.warm) == 0 {
 		return 0
 	}
-	return s.warm[hashKey(function)]
+	return s.WarmIdleKey(KeyOf(function))
+}
+
+// WarmIdleKey is WarmIdle with the key hashed by KeyOf.
+func (s *Summary) WarmIdleKey(k Key) int {
+	if s == nil {
+		return 0
+	}
+	for _, e := range s.warm {
+		if e.key == uint64(k) {
+			return e.n
+		}
+	}
+	return 0
 }
 
 // WarmCount is the number of function versions in the warm summary.
@@ -107,7 +133,15 @@ func (s *Summary) HasCode(digest string) bool {
 	if s == nil || len(s.bloom) == 0 {
 		return false
 	}
-	return bloomHas(s.bloom, digest)
+	return bloomHas(s.bloom, hashKey(digest))
+}
+
+// HasCodeKey is HasCode with the digest hashed by KeyOf.
+func (s *Summary) HasCodeKey(k Key) bool {
+	if s == nil || len(s.bloom) == 0 {
+		return false
+	}
+	return bloomHas(s.bloom, uint64(k))
 }
 
 // summaryLimits bound the travelling form of a Capacity.
@@ -130,26 +164,28 @@ func hashKey(s string) uint64 {
 // bloomHashes is the number of filter probes per digest.
 const bloomHashes = 4
 
-func bloomIndexes(digest string, bits uint32, f func(uint32)) {
-	h := hashKey(digest)
+// The filter's probes are a + i·b mod bits for i < bloomHashes, with a
+// and b the two halves of the digest's hash.
+
+func bloomAdd(bloom []byte, h uint64) {
+	bits := uint32(len(bloom)) * 8
 	a, b := uint32(h), uint32(h>>32)|1
 	for i := uint32(0); i < bloomHashes; i++ {
-		f((a + i*b) % bits)
+		j := (a + i*b) % bits
+		bloom[j/8] |= 1 << (j % 8)
 	}
 }
 
-func bloomAdd(bloom []byte, digest string) {
-	bloomIndexes(digest, uint32(len(bloom))*8, func(i uint32) { bloom[i/8] |= 1 << (i % 8) })
-}
-
-func bloomHas(bloom []byte, digest string) bool {
-	ok := true
-	bloomIndexes(digest, uint32(len(bloom))*8, func(i uint32) {
-		if bloom[i/8]&(1<<(i%8)) == 0 {
-			ok = false
+func bloomHas(bloom []byte, h uint64) bool {
+	bits := uint32(len(bloom)) * 8
+	a, b := uint32(h), uint32(h>>32)|1
+	for i := uint32(0); i < bloomHashes; i++ {
+		j := (a + i*b) % bits
+		if bloom[j/8]&(1<<(j%8)) == 0 {
+			return false
 		}
-	})
-	return ok
+	}
+	return true
 }
 
 // encodeMeta encodes tags and an optional capacity. It fails when the
@@ -187,7 +223,7 @@ func encodeMeta(t Tags, c *Capacity, lim summaryLimits) ([]byte, error) {
 		} else {
 			bloom := make([]byte, lim.bloomBytes)
 			for _, d := range c.CodeDigests {
-				bloomAdd(bloom, d)
+				bloomAdd(bloom, hashKey(d))
 			}
 			b = binary.AppendUvarint(b, uint64(len(bloom)))
 			b = append(b, bloom...)
@@ -323,14 +359,14 @@ func decodeMeta(b []byte) (Tags, *Summary, error) {
 		return t, nil, fmt.Errorf("node metadata: %d warm entries", n)
 	}
 	if n > 0 {
-		s.warm = make(map[uint64]int, n)
+		s.warm = make([]warmKey, 0, min(n, uint64(len(r.b)/9)))
 	}
 	for i := uint64(0); i < n && r.err == nil; i++ {
 		k := r.bytes(8)
 		if r.err != nil {
 			break
 		}
-		s.warm[binary.LittleEndian.Uint64(k)] = int(r.uvarint())
+		s.warm = append(s.warm, warmKey{binary.LittleEndian.Uint64(k), int(r.uvarint())})
 	}
 	if bl := r.bytes(r.uvarint()); len(bl) > 0 {
 		s.bloom = append([]byte(nil), bl...)

@@ -55,10 +55,13 @@ func TestMetaRoundTrip(t *testing.T) {
 				if g := sum.WarmIdle(k); g != w {
 					t.Errorf("WarmIdle(%q): got %d, want %d", k, g, w)
 				}
+				if g := sum.WarmIdleKey(KeyOf(k)); g != w {
+					t.Errorf("WarmIdleKey(KeyOf(%q)): got %d, want %d", k, g, w)
+				}
 			}
 			for _, d := range c.CodeDigests {
-				if !sum.HasCode(d) {
-					t.Errorf("HasCode(%q): got false, want true", d)
+				if !sum.HasCode(d) || !sum.HasCodeKey(KeyOf(d)) {
+					t.Errorf("HasCode(%q), HasCodeKey: got false, want true", d)
 				}
 			}
 		})
@@ -68,12 +71,12 @@ func TestMetaRoundTrip(t *testing.T) {
 func TestBloomFalsePositiveRate(t *testing.T) {
 	bloom := make([]byte, DefaultCodeFilterBytes)
 	for i := range 50 {
-		bloomAdd(bloom, fmt.Sprintf("sha256:%064d", i))
+		bloomAdd(bloom, hashKey(fmt.Sprintf("sha256:%064d", i)))
 	}
 	fp := 0
 	const probes = 10000
 	for i := range probes {
-		if bloomHas(bloom, fmt.Sprintf("other:%d", i)) {
+		if bloomHas(bloom, hashKey(fmt.Sprintf("other:%d", i))) {
 			fp++
 		}
 	}

@@ -110,6 +110,7 @@ type Node struct {
 	members map[string]*Member // guarded by mu
 	seen    map[string]uint64  // last message seq per origin+key; guarded by mu
 	seq     uint64             // last seq this node sent; guarded by mu
+	version uint64             // changes to members; guarded by mu
 
 	updateCh chan struct{}
 	done     chan struct{}
@@ -342,6 +343,16 @@ func (n *Node) Members() []Member {
 	return out
 }
 
+// Version counts the changes to the member view (joins, leaves,
+// failures, tag and capacity updates, suspicion marks). A consumer that
+// derives something from Members on a hot path (the gateway's placement
+// hosts, rebuilt per invocation) can rebuild it only when Version moved.
+func (n *Node) Version() uint64 {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.version
+}
+
 // Count returns how many known members are in state s.
 func (n *Node) Count(s State) int {
 	n.mu.Lock()
@@ -376,6 +387,7 @@ func (n *Node) MarkSuspect(name string) bool {
 		return false
 	}
 	m.State = StateSuspect
+	n.version++
 	return true
 }
 
@@ -385,6 +397,7 @@ func (n *Node) ClearSuspect(name string) {
 	defer n.mu.Unlock()
 	if m, ok := n.members[name]; ok && m.State == StateSuspect {
 		m.State = StateAlive
+		n.version++
 	}
 }
 
@@ -459,6 +472,7 @@ func (n *Node) observe(nd *memberlist.Node, typ EventType) {
 	}
 	stored := m
 	n.members[nd.Name] = &stored
+	n.version++
 	n.mu.Unlock()
 	if !n.cfg.DiscardEvents {
 		n.events.push(Event{Type: typ, Member: m})

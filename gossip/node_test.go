@@ -330,8 +330,16 @@ func TestMessagesSpreadAndSupersede(t *testing.T) {
 func TestMarkSuspect(t *testing.T) {
 	mn := NewMemNetwork()
 	nodes := cluster(t, mn, 2, nil)
+	v0 := nodes[0].Version()
 	if !nodes[0].MarkSuspect("n1") {
 		t.Fatal("MarkSuspect(n1): got false, want true")
+	}
+	v1 := nodes[0].Version()
+	if v1 <= v0 {
+		t.Errorf("Version after MarkSuspect: got %d, want more than %d", v1, v0)
+	}
+	if nodes[0].MarkSuspect("n1") || nodes[0].Version() != v1 {
+		t.Errorf("MarkSuspect of a suspect member: changed something (version %d, was %d)", nodes[0].Version(), v1)
 	}
 	if m, _ := nodes[0].Member("n1"); m.State != StateSuspect {
 		t.Fatalf("n1: got %v, want suspect", m.State)
@@ -344,4 +352,7 @@ func TestMarkSuspect(t *testing.T) {
 		m, _ := nodes[0].Member("n1")
 		return m.State == StateAlive && m.Capacity != nil
 	})
+	if v := nodes[0].Version(); v <= v1 {
+		t.Errorf("Version after n1's update: got %d, want more than %d", v, v1)
+	}
 }

@@ -20,6 +20,7 @@ package placement
 import (
 	"fmt"
 
+	"skiff.dev/skiff/gossip"
 	"skiff.dev/skiff/internal/errs"
 )
 
@@ -72,25 +73,66 @@ type Rand interface {
 	IntN(n int) int
 }
 
+// keyedContents is the fast path of Contents that look keys up by a hash
+// (gossip summaries): Choose hashes the function and the digest once per
+// decision instead of once per host. At 1,000 hosts that is most of a
+// decision's time.
+type keyedContents interface {
+	WarmIdleKey(gossip.Key) int
+	HasCodeKey(gossip.Key) bool
+}
+
+// warmIdle and hasCode look a request's keys up in c, through the fast
+// path when c has one (a concrete *gossip.Summary first: the common case,
+// and the cheapest type check).
+func (q *query) warmIdle(c Contents) int {
+	switch c := c.(type) {
+	case *gossip.Summary:
+		return c.WarmIdleKey(q.fn)
+	case keyedContents:
+		return c.WarmIdleKey(q.fn)
+	}
+	return c.WarmIdle(q.req.Function)
+}
+
+func (q *query) hasCode(c Contents) bool {
+	switch c := c.(type) {
+	case *gossip.Summary:
+		return c.HasCodeKey(q.digest)
+	case keyedContents:
+		return c.HasCodeKey(q.digest)
+	}
+	return c.HasCode(q.req.Digest)
+}
+
+// query is one decision's request with its keys hashed.
+type query struct {
+	req        *Request
+	fn, digest gossip.Key
+}
+
 // Choose picks the host for req among hosts.
 func Choose(req Request, hosts []Host, rng Rand) (Decision, error) {
 	if req.MemoryMB <= 0 {
 		return Decision{}, errs.Invalid("memory_mb", "memory must be positive, got %d MB", req.MemoryMB)
 	}
+	q := query{req: &req, fn: gossip.KeyOf(req.Function), digest: gossip.KeyOf(req.Digest)}
+	noExclusions := len(req.Exclude) == 0
 	usable := func(h *Host) bool {
-		return !h.Draining && !h.Suspect && !req.Exclude[h.Name]
+		return !h.Draining && !h.Suspect && (noExclusions || !req.Exclude[h.Name])
 	}
 
 	// 1. Warm.
 	if req.Function != "" {
+		noSkips := len(req.SkipWarm) == 0
 		best, bestN, ties := -1, 0, 0
 		for i := range hosts {
 			h := &hosts[i]
-			if h.Contents == nil || !usable(h) || req.SkipWarm[h.Name] {
+			if h.Contents == nil || !usable(h) {
 				continue
 			}
-			n := h.Contents.WarmIdle(req.Function)
-			if n <= 0 {
+			n := q.warmIdle(h.Contents)
+			if n <= 0 || (!noSkips && req.SkipWarm[h.Name]) {
 				continue
 			}
 			switch {
@@ -112,7 +154,7 @@ func Choose(req Request, hosts []Host, rng Rand) (Decision, error) {
 	cand := make([]int, 0, len(hosts))
 	for i := range hosts {
 		h := &hosts[i]
-		if usable(h) && h.FreeMemoryMB >= req.MemoryMB {
+		if h.FreeMemoryMB >= req.MemoryMB && usable(h) {
 			cand = append(cand, i)
 		}
 	}
@@ -121,19 +163,23 @@ func Choose(req Request, hosts []Host, rng Rand) (Decision, error) {
 	}
 	rule := "two-choices"
 
-	// Spread across zones, then hosts.
+	// Spread across zones, then hosts: one lookup per host.
 	if len(req.Sandboxes) > 0 {
-		zones := make(map[string]int, 4)
+		count := make([]int32, len(hosts))
+		var zones []zoneCount // a few zones: a scan beats a map
 		for i := range hosts {
-			if n := req.Sandboxes[hosts[i].Name]; n > 0 {
-				zones[hosts[i].Zone] += n
+			n := req.Sandboxes[hosts[i].Name]
+			if n <= 0 {
+				continue
 			}
+			count[i] = int32(min(n, 1<<30))
+			zones = addZone(zones, hosts[i].Zone, n)
 		}
 		before := len(cand)
 		if len(zones) > 0 {
-			cand = keepMin(cand, func(i int) int { return zones[hosts[i].Zone] })
+			cand = keepMin(cand, func(i int) int { return zoneTotal(zones, hosts[i].Zone) })
 		}
-		cand = keepMin(cand, func(i int) int { return req.Sandboxes[hosts[i].Name] })
+		cand = keepMin(cand, func(i int) int { return int(count[i]) })
 		if len(cand) < before {
 			rule = "spread"
 		}
@@ -143,7 +189,7 @@ func Choose(req Request, hosts []Host, rng Rand) (Decision, error) {
 	if req.Digest != "" {
 		cached := 0
 		for _, i := range cand {
-			if c := hosts[i].Contents; c != nil && c.HasCode(req.Digest) {
+			if c := hosts[i].Contents; c != nil && q.hasCode(c) {
 				cand[cached] = i
 				cached++
 			}
@@ -165,6 +211,30 @@ func Choose(req Request, hosts []Host, rng Rand) (Decision, error) {
 		pick = lessLoaded(hosts, cand[a], cand[b])
 	}
 	return Decision{Host: hosts[pick].Name, Rule: rule}, nil
+}
+
+type zoneCount struct {
+	zone string
+	n    int
+}
+
+func addZone(zs []zoneCount, zone string, n int) []zoneCount {
+	for i := range zs {
+		if zs[i].zone == zone {
+			zs[i].n += n
+			return zs
+		}
+	}
+	return append(zs, zoneCount{zone, n})
+}
+
+func zoneTotal(zs []zoneCount, zone string) int {
+	for _, z := range zs {
+		if z.zone == zone {
+			return z.n
+		}
+	}
+	return 0
 }
 
 // keepMin filters idx in place to the entries with the smallest key (one

@@ -7,8 +7,6 @@ import (
 	"math/rand/v2"
 	"os"
 	"slices"
-	"strconv"
-	"sync"
 	"testing"
 	"time"
 
@@ -79,115 +77,6 @@ func (w *world) agentCapacity() gossip.Capacity {
 	return c
 }
 
-type simCluster struct {
-	gateways []*gossip.Node
-	agents   []*gossip.Node
-	caps     []gossip.Capacity
-}
-
-func (c *simCluster) all() []*gossip.Node { return append(slices.Clone(c.gateways), c.agents...) }
-
-func (c *simCluster) shutdown() {
-	var wg sync.WaitGroup
-	for _, n := range c.all() {
-		wg.Go(func() { _ = n.Shutdown() })
-	}
-	wg.Wait()
-}
-
-type convergence struct {
-	join       time.Duration // starting and joining every member
-	membership time.Duration // after the last join: every member sees every member alive
-	capacity   time.Duration // after every agent set a new capacity: every gateway sees all of them
-}
-
-// startCluster starts gateways and agents on one in-memory network and
-// measures convergence. It fails tb when the cluster does not converge
-// within limit.
-func startCluster(tb testing.TB, w *world, nAgents, nGateways int, limit time.Duration) (*simCluster, convergence) {
-	tb.Helper()
-	mn := gossip.NewMemNetwork()
-	c := &simCluster{}
-	var conv convergence
-	start := time.Now()
-	newNode := func(name string, role gossip.Role, zone string) *gossip.Node {
-		n, err := gossip.New(gossip.Config{
-			Name:          name,
-			Transport:     mn.NewTransport(),
-			Tags:          gossip.Tags{Role: role, Version: "sim", Zone: zone, Rack: "r1", RPCAddr: name + ":7070"},
-			DiscardEvents: true,
-			SkipCapacity:  role == gossip.RoleAgent,
-			Logger:        simLogger(tb, name),
-		})
-		if err != nil {
-			tb.Fatalf("starting %s: %v", name, err)
-		}
-		return n
-	}
-	for i := range nGateways {
-		g := newNode(fmt.Sprintf("gw-%d", i), gossip.RoleGateway, zones[i%len(zones)])
-		if i > 0 {
-			if _, err := g.Join([]string{c.gateways[0].Addr()}); err != nil {
-				tb.Fatal(err)
-			}
-		}
-		c.gateways = append(c.gateways, g)
-	}
-	for i := range nAgents {
-		if time.Since(start) > limit {
-			c.shutdown()
-			tb.Fatalf("only %d of %d agents joined within %v", i, nAgents, limit)
-		}
-		a := newNode(fmt.Sprintf("agent-%04d", i), gossip.RoleAgent, zones[i%len(zones)])
-		// Join through a random earlier member, as agents started by a
-		// fleet's configuration would (any member is a valid seed).
-		seed := c.gateways[i%nGateways]
-		if i > 0 && w.rng.IntN(2) == 0 {
-			seed = c.agents[w.rng.IntN(len(c.agents))]
-		}
-		if _, err := a.Join([]string{seed.Addr()}); err != nil {
-			tb.Fatal(err)
-		}
-		c.agents = append(c.agents, a)
-	}
-	conv.join = time.Since(start)
-	total := nAgents + nGateways
-	deadline := start.Add(limit)
-
-	start = time.Now()
-	waitUntil(tb, deadline, "membership convergence", func() string {
-		for _, n := range c.all() {
-			if got := n.Count(gossip.StateAlive); got != total {
-				return fmt.Sprintf("%s sees %d of %d members alive", n.Name(), got, total)
-			}
-		}
-		return ""
-	})
-	conv.membership = time.Since(start)
-
-	start = time.Now()
-	for _, a := range c.agents {
-		cp := w.agentCapacity()
-		c.caps = append(c.caps, cp)
-		if err := a.SetCapacity(cp); err != nil {
-			tb.Fatal(err)
-		}
-	}
-	waitUntil(tb, deadline, "capacity convergence", func() string {
-		for _, g := range c.gateways {
-			for i, a := range c.agents {
-				m, ok := g.Member(a.Name())
-				if !ok || m.Capacity == nil || m.Capacity.MemoryFreeMB != c.caps[i].MemoryFreeMB {
-					return fmt.Sprintf("%s has not seen %s's capacity", g.Name(), a.Name())
-				}
-			}
-		}
-		return ""
-	})
-	conv.capacity = time.Since(start)
-	return c, conv
-}
-
 // simLogger keeps memberlist's warnings of one gateway (gw-0) in the test
 // log, counted rather than printed when there are many.
 func simLogger(tb testing.TB, name string) *slog.Logger {
@@ -214,23 +103,27 @@ func waitUntil(tb testing.TB, deadline time.Time, what string, check func() stri
 }
 
 // simContents is a gateway's view of one host: the gossiped summary plus
-// what the gateway itself did since (claims, placements).
+// what the gateway itself did since (claims, placements). It implements
+// the keyed fast path, as the summary does.
 type simContents struct {
 	sum     *gossip.Summary
-	claimed map[string]int
-	added   map[string]bool
+	claimed map[gossip.Key]int
+	added   map[gossip.Key]bool
 }
 
-func (s *simContents) WarmIdle(f string) int {
-	n := s.sum.WarmIdle(f)
+func (s *simContents) WarmIdle(f string) int { return s.WarmIdleKey(gossip.KeyOf(f)) }
+func (s *simContents) HasCode(d string) bool { return s.HasCodeKey(gossip.KeyOf(d)) }
+
+func (s *simContents) WarmIdleKey(k gossip.Key) int {
+	n := s.sum.WarmIdleKey(k)
 	if n > 0 {
-		n -= s.claimed[f]
+		n -= s.claimed[k]
 	}
 	return n
 }
 
-func (s *simContents) HasCode(d string) bool {
-	return s.sum.HasCode(d) || (len(s.added) > 0 && s.added[d])
+func (s *simContents) HasCodeKey(k gossip.Key) bool {
+	return s.sum.HasCodeKey(k) || (len(s.added) > 0 && s.added[k])
 }
 
 type placementStats struct {
@@ -254,7 +147,7 @@ func runPlacements(tb testing.TB, w *world, view []gossip.Member, n int) placeme
 		s := m.Capacity
 		hosts = append(hosts, Host{
 			Name: m.Name, Zone: m.Tags.Zone, Draining: m.Draining, FreeMemoryMB: s.MemoryFreeMB, Load: s.Load,
-			Contents: &simContents{sum: s, claimed: map[string]int{}, added: map[string]bool{}},
+			Contents: &simContents{sum: s, claimed: map[gossip.Key]int{}, added: map[gossip.Key]bool{}},
 		})
 		total[m.Name] = s.MemoryTotalMB
 	}
@@ -292,7 +185,7 @@ func runPlacements(tb testing.TB, w *world, view []gossip.Member, n int) placeme
 		c := h.Contents.(*simContents)
 		if d.Warm {
 			st.warm++
-			c.claimed[req.Function]++
+			c.claimed[gossip.KeyOf(req.Function)]++
 		} else {
 			st.cold++
 			h.FreeMemoryMB -= req.MemoryMB
@@ -300,7 +193,7 @@ func runPlacements(tb testing.TB, w *world, view []gossip.Member, n int) placeme
 				tb.Fatalf("host %s overcommitted: %d MB free", h.Name, h.FreeMemoryMB)
 			}
 			h.Load = 1 - float64(h.FreeMemoryMB)/float64(total[h.Name])
-			c.added[req.Digest] = true
+			c.added[gossip.KeyOf(req.Digest)] = true
 		}
 		placed[i]++
 		spread[f][d.Host]++
@@ -335,43 +228,12 @@ func balance(xs []int) (maxOverMean, cv float64) {
 	return mx / mean, math.Sqrt(ss/float64(len(xs))) / mean
 }
 
-func simAgents(tb testing.TB) int {
-	if v := os.Getenv("SKIFF_SIM_AGENTS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 1 {
-			tb.Fatalf("SKIFF_SIM_AGENTS=%q: want a positive integer", v)
-		}
-		return n
-	}
-	if raceEnabled {
-		return 40
-	}
-	return 150
-}
-
-// TestClusterSimulation runs SKIFF_SIM_AGENTS agents (default 150, 40 under
-// -race: what a
-// 2-core host sustains with the LAN timers, every member being a full
-// memberlist in one process) and 3 gateways, measures gossip convergence,
-// then runs 100,000 placements over the converged gateway view and over a
-// 1,000-host view made of the same gossiped summaries.
-func TestClusterSimulation(t *testing.T) {
-	if testing.Short() {
-		t.Skip("cluster simulation: skipped with -short")
-	}
-	agents := simAgents(t)
-	w := newWorld(1, 500, agents)
-	c, conv := startCluster(t, w, agents, 3, 55*time.Second)
-	view := c.gateways[0].Members() // the converged view; stop gossip before timing decisions
-	c.shutdown()
-	t.Logf("gossip: %d agents + %d gateways: started and joined in %v; membership converged %v after the last join; all capacities at every gateway %v after every agent updated",
-		agents, len(c.gateways), conv.join.Round(time.Millisecond), conv.membership.Round(time.Millisecond), conv.capacity.Round(time.Millisecond))
-	checkPlacements(t, w, view)
-
-	// 1,000 hosts: the view a converged gateway holds, built from the same
-	// summaries without running 1,000 memberlists.
-	w = newWorld(1, 500, 1000)
-	view = nil
+// TestPlacement1000View places 100,000 sandboxes over the view a
+// converged gateway holds of 1,000 agents (the same gossiped summaries,
+// without running 1,000 memberlists): balance and spread.
+func TestPlacement1000View(t *testing.T) {
+	w := newWorld(1, 500, 1000)
+	var view []gossip.Member
 	for i := range 1000 {
 		s, err := gossip.Summarize(w.agentCapacity(), 0, 0)
 		if err != nil {
@@ -404,9 +266,12 @@ func checkPlacements(t *testing.T, w *world, view []gossip.Member) {
 	}
 }
 
-// BenchmarkChoose measures one decision over 1,000 hosts with gossiped
-// summaries (warm top-N, code filter).
-func BenchmarkChoose(b *testing.B) {
+// BenchmarkChoose1000 measures one decision over 1,000 hosts with
+// gossiped summaries (warm top-N, code filter): "warm" finds a warm
+// sandbox (a scan of every host); "cold" finds none (the scan, then
+// memory, a few hosts already running the function, the code filter and
+// two choices); "cold-spread" is a function already on 300 hosts.
+func BenchmarkChoose1000(b *testing.B) {
 	w := newWorld(2, 500, 1000)
 	hosts := make([]Host, 1000)
 	for i := range hosts {
@@ -417,33 +282,42 @@ func BenchmarkChoose(b *testing.B) {
 		}
 		hosts[i] = Host{Name: fmt.Sprintf("agent-%04d", i), Zone: zones[i%3], FreeMemoryMB: s.MemoryFreeMB, Load: s.Load, Contents: s}
 	}
-	reqs := make([]Request, 1024)
-	for i := range reqs {
-		f := w.pick()
-		spread := map[string]int{}
-		for range w.rng.IntN(8) {
-			spread[hosts[w.rng.IntN(len(hosts))].Name]++
+	requests := func(cold bool, spreadOver int) []Request {
+		reqs := make([]Request, 1024)
+		for i := range reqs {
+			f := w.pick()
+			spread := map[string]int{}
+			for range spreadOver + w.rng.IntN(8) {
+				spread[hosts[w.rng.IntN(len(hosts))].Name]++
+			}
+			fn := w.functions[f]
+			if cold {
+				fn = "not-warm-anywhere:1" // the digest stays: the code filter is consulted
+			}
+			reqs[i] = Request{Function: fn, Digest: w.digests[f], MemoryMB: w.sizes[f], Sandboxes: spread}
 		}
-		reqs[i] = Request{Function: w.functions[f], Digest: w.digests[f], MemoryMB: w.sizes[f], Sandboxes: spread}
+		return reqs
 	}
-	rng := rand.New(rand.NewPCG(3, 3))
-	b.ReportAllocs()
-	for i := 0; b.Loop(); i++ {
-		if _, err := Choose(reqs[i%len(reqs)], hosts, rng); err != nil {
-			b.Fatal(err)
-		}
-	}
-}
-
-// BenchmarkGossipConvergence starts a cluster per iteration
-// (SKIFF_SIM_AGENTS agents, default 1,000) and reports its convergence.
-func BenchmarkGossipConvergence(b *testing.B) {
-	agents := simAgents(b)
-	for b.Loop() {
-		c, conv := startCluster(b, newWorld(1, 500, agents), agents, 3, 5*time.Minute)
-		b.ReportMetric(conv.membership.Seconds(), "membership-s")
-		b.ReportMetric(conv.capacity.Seconds(), "capacity-s")
-		b.ReportMetric(conv.join.Seconds(), "join-s")
-		c.shutdown()
+	for _, bc := range []struct {
+		name string
+		reqs []Request
+	}{{"warm", requests(false, 0)}, {"cold", requests(true, 0)}, {"cold-spread", requests(true, 300)}} {
+		b.Run(bc.name, func(b *testing.B) {
+			rng := rand.New(rand.NewPCG(3, 3))
+			warm := 0
+			b.ReportAllocs()
+			for i := 0; b.Loop(); i++ {
+				d, err := Choose(bc.reqs[i%len(bc.reqs)], hosts, rng)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if d.Warm {
+					warm++
+				}
+			}
+			if want := bc.name == "warm"; (warm > 0) != want {
+				b.Fatalf("%s: %d warm decisions", bc.name, warm)
+			}
+		})
 	}
 }
