@@ -1139,6 +1139,18 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 	t.Cleanup(func() {
 		if t.Failed() && len(missing) > 0 {
 			t.Logf("events without a record: %v", missing)
+			asyncDiagnostics(t, js, missing)
+			if a, err := cs.queue.GetQueueAttributes(ctx, connect.NewRequest(&skiffv1.GetQueueAttributesRequest{Name: "gk-ok"})); err == nil {
+				t.Logf("queue gk-ok on %s: visible %d, not visible %d, delayed %d", survivor.name,
+					a.Msg.GetApproximateMessages(), a.Msg.GetApproximateMessagesNotVisible(), a.Msg.GetApproximateMessagesDelayed())
+			}
+			if r, err := cs.queue.ReceiveMessage(ctx, connect.NewRequest(&skiffv1.ReceiveMessageRequest{Queue: "gk-ok", MaxMessages: 10})); err != nil {
+				t.Logf("a last receive from gk-ok on %s: %v", survivor.name, err)
+			} else {
+				for _, m := range r.Msg.GetMessages() {
+					t.Logf("a last receive from gk-ok on %s: %.300s", survivor.name, m.GetBody())
+				}
+			}
 			for _, g := range e.gws {
 				for _, line := range strings.Split(g.out.String(), "\n") {
 					for _, id := range missing {
@@ -1165,4 +1177,72 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 	}
 	t.Logf("the stream's records put after the kill processed %v after it; all %d events %s accepted completed %v after it (%d duplicates)",
 		streamDone.Round(time.Millisecond), len(acked), victim.name, time.Since(killed).Round(time.Millisecond), dups)
+}
+
+// asyncDiagnostics logs where the events of ids are in storage: the
+// messages of stream ASYNC holding them (a single event or a batch), with
+// their consumers' state, and the messages of stream QUEUES naming them.
+func asyncDiagnostics(t *testing.T, js jetstream.JetStream, ids []string) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if st, err := js.Stream(ctx, "ASYNC"); err != nil {
+		t.Logf("stream ASYNC: %v", err)
+	} else {
+		lister := st.ListConsumers(ctx)
+		for ci := range lister.Info() {
+			t.Logf("ASYNC consumer %s: pending %d, ack pending %d, redelivered %d, waiting %d, delivered %d, ack floor %d",
+				ci.Name, ci.NumPending, ci.NumAckPending, ci.NumRedelivered, ci.NumWaiting, ci.Delivered.Stream, ci.AckFloor.Stream)
+		}
+		if err := lister.Err(); err != nil {
+			t.Logf("listing ASYNC consumers: %v", err)
+		}
+	}
+	for _, name := range []string{"ASYNC", "QUEUES"} {
+		st, err := js.Stream(ctx, name)
+		if err != nil {
+			t.Logf("stream %s: %v", name, err)
+			continue
+		}
+		info, err := st.Info(ctx)
+		if err != nil {
+			t.Logf("stream %s: %v", name, err)
+			continue
+		}
+		t.Logf("stream %s: %d messages, sequences %d-%d", name, info.State.Msgs, info.State.FirstSeq, info.State.LastSeq)
+		for seq := info.State.FirstSeq; seq <= info.State.LastSeq && seq > 0; seq++ {
+			m, err := st.GetMsg(ctx, seq)
+			if err != nil {
+				continue
+			}
+			for _, id := range ids {
+				if strings.Contains(string(m.Data), id) || strings.Contains(fmt.Sprint(m.Header), id) {
+					t.Logf("stream %s seq %d subject %s holds %s: headers %v, %d bytes", name, seq, m.Subject, id, m.Header, len(m.Data))
+					if name == "QUEUES" {
+						queueStateDiagnostics(t, ctx, js, m.Subject, seq)
+					}
+				}
+			}
+		}
+	}
+}
+
+// queueStateDiagnostics logs the receive state (KV "queuestate") of the
+// queue message at seq on subject queue.<token>.m.
+func queueStateDiagnostics(t *testing.T, ctx context.Context, js jetstream.JetStream, subject string, seq uint64) {
+	parts := strings.Split(subject, ".")
+	if len(parts) != 3 {
+		return
+	}
+	st, err := js.Stream(ctx, "KV_queuestate")
+	if err != nil {
+		t.Logf("stream KV_queuestate: %v", err)
+		return
+	}
+	key := fmt.Sprintf("$KV.queuestate.%s.%d", parts[1], seq)
+	m, err := st.GetLastMsgForSubject(ctx, key)
+	if err != nil {
+		t.Logf("state %s: %v", key, err)
+		return
+	}
+	t.Logf("state %s: seq %d at %v, headers %v, %s", key, m.Sequence, m.Time, m.Header, m.Data)
 }

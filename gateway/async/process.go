@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strconv"
 	"sync"
 	"time"
@@ -71,6 +72,14 @@ func isPlatform(err error) bool {
 
 // processMsg handles one delivery of a message: a single event or a batch.
 func (p *Pool) processMsg(ctx context.Context, pl *poller, m jetstream.Msg, sem chan struct{}) {
+	if p.s.log.Enabled(ctx, slog.LevelDebug) {
+		// The trail of an event across gateways: which delivery of which
+		// message held it, and when it finished (finish, processBatch).
+		if md, err := m.Metadata(); err == nil {
+			p.s.log.Debug("async message delivered", "queue", pl.subject, "seq", md.Sequence.Stream, "delivered", md.NumDelivered,
+				"request_id", m.Headers().Get(HeaderRequestID), "request_ids", m.Headers().Get(HeaderRequestIDs), "attempt", m.Headers().Get(HeaderAttempt))
+		}
+	}
 	if m.Headers().Get(HeaderBatch) != "" {
 		p.processBatch(ctx, pl, m, sem)
 		return
@@ -267,6 +276,7 @@ func (p *Pool) finish(ctx context.Context, pl *poller, m carrier, ev event, then
 		then()
 	}
 	m.ack(ctx, p.s.log.With("request_id", ev.requestID, "function", ev.function))
+	p.s.log.Debug("async event finished", "request_id", ev.requestID, "attempt", ev.attempt)
 }
 
 // fenced reports whether pl still holds its lease (at its epoch).
@@ -497,6 +507,11 @@ func (p *Pool) processBatch(ctx context.Context, pl *poller, m jetstream.Msg, se
 	b.mu.Lock()
 	giveBack, backoff := b.giveBack, b.backoff
 	b.mu.Unlock()
+	if p.s.log.Enabled(ctx, slog.LevelDebug) {
+		if md, err := m.Metadata(); err == nil {
+			p.s.log.Debug("async batch done", "queue", pl.subject, "seq", md.Sequence.Stream, "events", len(evs), "give_back", giveBack, "backoff", backoff)
+		}
+	}
 	switch {
 	case giveBack && backoff > 0:
 		_ = m.NakWithDelay(backoff)

@@ -438,7 +438,7 @@ func (m *Manager) claim(ctx context.Context, q *queueMeta, p pick, vis time.Dura
 	if err != nil || rev == 0 {
 		return nil, conflicted, err
 	}
-	raw, err := m.stream.GetMsg(ctx, p.seq)
+	raw, err := m.getBody(ctx, p.seq)
 	if isNotFound(err) {
 		m.dropState(ctx, q.token, p.seq)
 		return nil, gone, nil
@@ -497,6 +497,73 @@ func (m *Manager) decode(q *queueMeta, raw *jetstream.RawStreamMsg) (*skiffv1.Me
 	return env, nil
 }
 
+// getBody reads the stored message at seq. Reads are direct gets, which
+// any replica of the stream may answer, and a replica that has not yet
+// applied a message the leader acknowledged answers "not found": a claim
+// right after a send (the index knows its own writes at once) can meet one
+// on a cluster. A not-found is therefore confirmed by the stream leader
+// before the message counts as gone; otherwise its state would be dropped
+// and the index would forget a message that exists, which then stays in
+// the stream and is never received.
+func (m *Manager) getBody(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, error) {
+	raw, err := m.stream.GetMsg(ctx, seq)
+	if !isNotFound(err) {
+		return raw, err
+	}
+	return m.leaderGetMsg(ctx, seq)
+}
+
+// leaderGetMsg reads the message at seq through the stream leader (the
+// JetStream API's message get, not a direct get).
+func (m *Manager) leaderGetMsg(ctx context.Context, seq uint64) (*jetstream.RawStreamMsg, error) {
+	ctx, cancel := context.WithTimeout(ctx, leaderGetTimeout)
+	defer cancel()
+	req, err := json.Marshal(struct {
+		Seq uint64 `json:"seq"`
+	}{seq})
+	if err != nil {
+		return nil, err
+	}
+	reply, err := m.js.Conn().RequestWithContext(ctx, "$JS.API.STREAM.MSG.GET."+StreamName, req)
+	if err != nil {
+		return nil, fmt.Errorf("reading message %d from the stream leader: %w", seq, err)
+	}
+	var resp struct {
+		Error *struct {
+			ErrCode     jetstream.ErrorCode `json:"err_code"`
+			Description string              `json:"description"`
+		} `json:"error"`
+		Message *struct {
+			Subject string    `json:"subject"`
+			Seq     uint64    `json:"seq"`
+			Header  []byte    `json:"hdrs"`
+			Data    []byte    `json:"data"`
+			Time    time.Time `json:"time"`
+		} `json:"message"`
+	}
+	if err := json.Unmarshal(reply.Data, &resp); err != nil {
+		return nil, fmt.Errorf("reading message %d from the stream leader: %w", seq, err)
+	}
+	switch {
+	case resp.Error != nil && resp.Error.ErrCode == jetstream.JSErrCodeMessageNotFound:
+		return nil, jetstream.ErrMsgNotFound
+	case resp.Error != nil:
+		return nil, fmt.Errorf("reading message %d from the stream leader: %s", seq, resp.Error.Description)
+	case resp.Message == nil:
+		return nil, fmt.Errorf("reading message %d from the stream leader: empty answer", seq)
+	}
+	raw := &jetstream.RawStreamMsg{Subject: resp.Message.Subject, Sequence: resp.Message.Seq, Data: resp.Message.Data, Time: resp.Message.Time}
+	if len(resp.Message.Header) > 0 {
+		if raw.Header, err = nats.DecodeHeadersMsg(resp.Message.Header); err != nil {
+			return nil, fmt.Errorf("reading message %d from the stream leader: %w", seq, err)
+		}
+	}
+	return raw, nil
+}
+
+// leaderGetTimeout bounds the leader's confirmation of a missing message.
+const leaderGetTimeout = 5 * time.Second
+
 // dropState forgets a message whose body is gone.
 func (m *Manager) dropState(ctx context.Context, tok string, seq uint64) {
 	if err := m.stateKV.Delete(ctx, stateKey(tok, seq)); err != nil {
@@ -526,7 +593,7 @@ func (m *Manager) move(ctx context.Context, from, to *queueMeta, p pick, redrive
 	if err != nil || rev == 0 {
 		return false, err
 	}
-	raw, err := m.stream.GetMsg(ctx, p.seq)
+	raw, err := m.getBody(ctx, p.seq)
 	if isNotFound(err) {
 		m.dropState(ctx, from.token, p.seq)
 		return false, nil
