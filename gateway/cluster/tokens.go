@@ -54,8 +54,8 @@ const (
 
 // TokenStoreConfig configures a TokenStore. Zero values take the defaults.
 type TokenStoreConfig struct {
-	// Replicas of the bucket (1 for the embedded server, 3 on a NATS
-	// cluster).
+	// Replicas of the bucket; 0 leaves it to the store's JetStream handle
+	// (1 embedded, the cluster's replica count with external NATS).
 	Replicas int
 	// Retention is how long expired tokens stay listed before they are
 	// pruned (DefaultTokenRetention).
@@ -123,9 +123,6 @@ func NewTokenStore(ctx context.Context, js jetstream.JetStream, cfg TokenStoreCo
 		return nil, errs.Invalid("retention", "token retention %v is negative", cfg.Retention)
 	case cfg.MaxTokens < 0:
 		return nil, errs.Invalid("max_tokens", "max tokens %d is negative", cfg.MaxTokens)
-	}
-	if cfg.Replicas == 0 {
-		cfg.Replicas = 1
 	}
 	if cfg.Retention == 0 {
 		cfg.Retention = DefaultTokenRetention

@@ -336,7 +336,12 @@ func transient(err error) bool {
 		// 503: "JetStream system temporarily unavailable", no meta leader
 		// or stream leader yet; 408 and 500 with a timeout: a peer is
 		// catching up.
-		return apiErr.Code == 503 || apiErr.Code == 408 || (apiErr.Code == 500 && strings.Contains(strings.ToLower(apiErr.Description), "timeout"))
+		// 10005 "no suitable peers for placement, peer offline": a server
+		// of a forming or recovering cluster is not back yet (without
+		// "offline" it is a cluster too small for the replicas: setupErr).
+		desc := strings.ToLower(apiErr.Description)
+		return apiErr.Code == 503 || apiErr.Code == 408 || (apiErr.Code == 500 && strings.Contains(desc, "timeout")) ||
+			(apiErr.ErrorCode == 10005 && strings.Contains(desc, "offline"))
 	}
 	return errors.Is(err, nats.ErrNoResponders) || errors.Is(err, nats.ErrTimeout) ||
 		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, nats.ErrConnectionReconnecting)
@@ -376,51 +381,75 @@ func (s *Store) setup(ctx context.Context, fn func(ctx context.Context) error) e
 type replicated struct {
 	jetstream.JetStream
 	replicas int
+	// retry runs a create or update, retrying what an election or a
+	// forming cluster explains (Store.setup); nil runs it once.
+	retry func(ctx context.Context, fn func(ctx context.Context) error) error
+}
+
+// retried runs fn through r.retry.
+func retried[T any](ctx context.Context, r replicated, fn func(context.Context) (T, error)) (T, error) {
+	if r.retry == nil {
+		return fn(ctx)
+	}
+	var out T
+	err := r.retry(ctx, func(ctx context.Context) (err error) {
+		out, err = fn(ctx)
+		return err
+	})
+	return out, err
 }
 
 func (r replicated) CreateStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateStream(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.Stream, error) { return r.JetStream.CreateStream(ctx, cfg) })
 }
 
 func (r replicated) UpdateStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.UpdateStream(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.Stream, error) { return r.JetStream.UpdateStream(ctx, cfg) })
 }
 
 func (r replicated) CreateOrUpdateStream(ctx context.Context, cfg jetstream.StreamConfig) (jetstream.Stream, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateOrUpdateStream(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.Stream, error) { return r.JetStream.CreateOrUpdateStream(ctx, cfg) })
 }
 
 func (r replicated) CreateKeyValue(ctx context.Context, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateKeyValue(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.KeyValue, error) { return r.JetStream.CreateKeyValue(ctx, cfg) })
 }
 
 func (r replicated) UpdateKeyValue(ctx context.Context, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.UpdateKeyValue(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.KeyValue, error) { return r.JetStream.UpdateKeyValue(ctx, cfg) })
 }
 
 func (r replicated) CreateOrUpdateKeyValue(ctx context.Context, cfg jetstream.KeyValueConfig) (jetstream.KeyValue, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateOrUpdateKeyValue(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.KeyValue, error) {
+		return r.JetStream.CreateOrUpdateKeyValue(ctx, cfg)
+	})
 }
 
 func (r replicated) CreateObjectStore(ctx context.Context, cfg jetstream.ObjectStoreConfig) (jetstream.ObjectStore, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateObjectStore(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		return r.JetStream.CreateObjectStore(ctx, cfg)
+	})
 }
 
 func (r replicated) UpdateObjectStore(ctx context.Context, cfg jetstream.ObjectStoreConfig) (jetstream.ObjectStore, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.UpdateObjectStore(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		return r.JetStream.UpdateObjectStore(ctx, cfg)
+	})
 }
 
 func (r replicated) CreateOrUpdateObjectStore(ctx context.Context, cfg jetstream.ObjectStoreConfig) (jetstream.ObjectStore, error) {
 	cfg.Replicas = r.n(cfg.Replicas)
-	return r.JetStream.CreateOrUpdateObjectStore(ctx, cfg)
+	return retried(ctx, r, func(ctx context.Context) (jetstream.ObjectStore, error) {
+		return r.JetStream.CreateOrUpdateObjectStore(ctx, cfg)
+	})
 }
 
 func (r replicated) n(asked int) int {

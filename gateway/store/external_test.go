@@ -276,6 +276,8 @@ func TestTransient(t *testing.T) {
 		{jetstream.ErrJetStreamNotEnabled, false},
 		{jetstream.ErrJetStreamNotEnabledForAccount, false},
 		{&jetstream.APIError{Code: 400, ErrorCode: 10058, Description: "stream name already in use"}, false},
+		{&jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement, peer offline"}, true},
+		{&jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement"}, false},
 		{errors.New("other"), false},
 	}
 	for _, tt := range tests {
@@ -283,4 +285,44 @@ func TestTransient(t *testing.T) {
 			t.Errorf("transient(%v) = %v, want %v", tt.err, got, tt.want)
 		}
 	}
+}
+
+// flakyJS fails its first creates with a forming cluster's error.
+type flakyJS struct {
+	recordingJS
+	fails int
+}
+
+func (f *flakyJS) CreateOrUpdateStream(ctx context.Context, c jetstream.StreamConfig) (jetstream.Stream, error) {
+	if f.fails > 0 {
+		f.fails--
+		return nil, &jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement, peer offline"}
+	}
+	return f.recordingJS.CreateOrUpdateStream(ctx, c)
+}
+
+// TestReplicatedRetriesAFormingCluster: a create that meets a cluster
+// whose servers are not all back yet is retried (every package creates its
+// streams through the store's handle), while a cluster too small for the
+// replicas fails at once.
+func TestReplicatedRetriesAFormingCluster(t *testing.T) {
+	s := &Store{cfg: Config{URLs: []string{"nats://127.0.0.1:4222"}}, log: slog.New(slog.DiscardHandler)}
+	f := &flakyJS{fails: 2}
+	js := replicated{JetStream: f, replicas: 3, retry: s.setup}
+	if _, err := js.CreateOrUpdateStream(context.Background(), jetstream.StreamConfig{Name: "S"}); err != nil {
+		t.Fatalf("create after 2 transient failures: %v", err)
+	}
+	if fmt.Sprint(f.got) != "[3]" {
+		t.Fatalf("creates that went through: %v, want one with 3 replicas", f.got)
+	}
+	tooSmall := replicated{JetStream: &tooSmallJS{}, replicas: 3, retry: s.setup}
+	if _, err := tooSmall.CreateOrUpdateStream(context.Background(), jetstream.StreamConfig{Name: "S"}); err == nil {
+		t.Fatal("a cluster too small for the replicas: no error")
+	}
+}
+
+type tooSmallJS struct{ recordingJS }
+
+func (*tooSmallJS) CreateOrUpdateStream(context.Context, jetstream.StreamConfig) (jetstream.Stream, error) {
+	return nil, &jetstream.APIError{Code: 400, ErrorCode: 10005, Description: "no suitable peers for placement"}
 }

@@ -282,7 +282,7 @@ func (s *Store) attach(ctx context.Context) error {
 	if err != nil {
 		return errs.Internal("opening jetstream: %w", err)
 	}
-	s.js = replicated{JetStream: js, replicas: s.cfg.Replicas}
+	s.js = replicated{JetStream: js, replicas: s.cfg.Replicas, retry: s.setup}
 	err = s.setup(ctx, func(ctx context.Context) (err error) {
 		s.functionsKV, err = s.js.CreateOrUpdateKeyValue(ctx, jetstream.KeyValueConfig{
 			Bucket:      bucketFunctions,
