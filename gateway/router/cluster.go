@@ -8,6 +8,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -51,9 +52,10 @@ type ClusterConfig struct {
 // invocation on an agent with gateway/placement over the gossiped view and
 // calls it over the network.
 type Cluster struct {
-	cfg ClusterConfig
-	log *slog.Logger
-	m   *clusterMetrics
+	cfg  ClusterConfig
+	log  *slog.Logger
+	m    *clusterMetrics
+	view atomic.Pointer[view] // the hosts of the last member view version
 
 	mu       sync.Mutex
 	clients  map[string]Agent                                 // by RPC address; guarded by mu
@@ -207,8 +209,36 @@ func NewCluster(cfg ClusterConfig) (*Cluster, error) {
 	}, nil
 }
 
-// agents returns the live agents, as placement hosts and by name.
+// versioned is a member view that counts its changes (*gossip.Node):
+// the placement hosts are rebuilt only when it moved.
+type versioned interface{ Version() uint64 }
+
+// view is the placement hosts built from one version of the member view;
+// read-only once built.
+type view struct {
+	version uint64
+	hosts   []placement.Host
+	byName  map[string]gossip.Member
+}
+
+// agents returns the live agents, as placement hosts and by name. With a
+// versioned member view it reuses the hosts built for the same version
+// (at 1,000 agents rebuilding costs far more than placing).
 func (c *Cluster) agents() ([]placement.Host, map[string]gossip.Member) {
+	v, ok := c.cfg.Members.(versioned)
+	if !ok {
+		return c.build()
+	}
+	ver := v.Version()
+	if cur := c.view.Load(); cur != nil && cur.version == ver {
+		return cur.hosts, cur.byName
+	}
+	hosts, byName := c.build()
+	c.view.Store(&view{version: ver, hosts: hosts, byName: byName})
+	return hosts, byName
+}
+
+func (c *Cluster) build() ([]placement.Host, map[string]gossip.Member) {
 	ms := c.cfg.Members.Members()
 	hosts := make([]placement.Host, 0, len(ms))
 	byName := make(map[string]gossip.Member, len(ms))

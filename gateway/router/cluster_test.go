@@ -7,6 +7,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -396,4 +397,45 @@ func (c *Cluster) total() int {
 		}
 	}
 	return n
+}
+
+// versionedMembers counts Members calls and has a settable version.
+type versionedMembers struct {
+	fakeMembers
+	version atomic.Uint64
+	calls   atomic.Int64
+}
+
+func (v *versionedMembers) Members() []gossip.Member {
+	v.calls.Add(1)
+	return v.fakeMembers.Members()
+}
+
+func (v *versionedMembers) Version() uint64 { return v.version.Load() }
+
+// TestClusterReusesHostsOfOneVersion: the placement hosts are rebuilt only
+// when the member view's version moves.
+func TestClusterReusesHostsOfOneVersion(t *testing.T) {
+	m := &versionedMembers{}
+	m.members = []gossip.Member{agentMember(t, "a", 2048, nil)}
+	a := &hostAgent{name: "a"}
+	c, err := NewCluster(ClusterConfig{Members: m, Dial: func(string) Agent { return a }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range 5 {
+		if _, err := c.Invoke(context.Background(), invokeReq("k")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := m.calls.Load(); n != 1 {
+		t.Fatalf("member view read %d times for one version, want 1", n)
+	}
+	m.version.Add(1)
+	if _, err := c.Invoke(context.Background(), invokeReq("k")); err != nil {
+		t.Fatal(err)
+	}
+	if n := m.calls.Load(); n != 2 {
+		t.Fatalf("member view read %d times after it changed, want 2", n)
+	}
 }
