@@ -53,6 +53,11 @@ type ClusterConfig struct {
 	AgentTimeout time.Duration
 }
 
+// clusterLeaseExpiry is the pollers' lease expiry in a cluster, where
+// gossip's failure detection, not the expiry, hands a dead gateway's
+// leases over.
+const clusterLeaseExpiry = 9 * time.Second
+
 // nodeCertTTL is the lifetime of the certificate a gateway issues itself.
 const nodeCertTTL = 365 * 24 * time.Hour
 
@@ -132,6 +137,11 @@ func RunCluster(ctx context.Context, cfg ClusterConfig) error {
 	// Lease holders are "<gateway name>/<purpose>": a gateway gossip
 	// declared dead or that left loses its pollers' leases at once
 	// instead of after their expiry.
+	// Liveness rides on gossip: the stored heartbeats are the backstop
+	// (a gateway cut off from gossip but not dead), renewed every 3 s.
+	if cfg.LeaseExpiry == 0 {
+		cfg.LeaseExpiry = clusterLeaseExpiry
+	}
 	cfg.HolderDead = func(holder string) bool {
 		name, _, _ := strings.Cut(holder, "/")
 		m, ok := node.Member(name)

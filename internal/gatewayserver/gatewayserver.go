@@ -90,6 +90,11 @@ type Config struct {
 	// HolderDead, when set, reports a lease holder whose gateway is known
 	// to be dead (gossip): its pollers' leases are taken over at once.
 	HolderDead func(holder string) bool
+	// LeaseExpiry is how long the pollers' leases outlive their last
+	// heartbeat (0: lease.DefaultExpiry, 3 s). With gossip (HolderDead) a
+	// dead gateway's leases are taken at once, so the stored heartbeat is
+	// only the backstop and can be rarer.
+	LeaseExpiry time.Duration
 	// SharedLimits makes concurrency limits exact across every gateway of
 	// the storage (gateway/budget: leased shares); off for a gateway that
 	// is alone (`skiff dev`).
@@ -173,7 +178,7 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		return fmt.Errorf("starting async invoke: %w", err)
 	}
 	defer func() { err = errors.Join(err, asyncSvc.Close()) }()
-	leases, err := lease.New(ctx, js, lease.Config{Registry: reg, Logger: log.With("component", "lease"), Dead: cfg.HolderDead})
+	leases, err := lease.New(ctx, js, lease.Config{Expiry: cfg.LeaseExpiry, Registry: reg, Logger: log.With("component", "lease"), Dead: cfg.HolderDead})
 	if err != nil {
 		return fmt.Errorf("starting the leasing service: %w", err)
 	}
