@@ -21,7 +21,7 @@ import (
 type request struct {
 	Action  string `json:"action"`
 	Message string `json:"message"`
-	Sleep   string `json:"sleep"`   // a duration, for "sleep"
+	Sleep   string `json:"sleep"`   // a duration, for "sleep" and "sleepwho"
 	Size    int    `json:"size"`    // bytes, for "big"
 	Exit    int    `json:"exit"`    // exit code, for "exit"
 	Env     string `json:"env"`     // variable name prefix, for "env"
@@ -88,6 +88,11 @@ func handle(ctx context.Context, raw json.RawMessage) (any, error) {
 			hold = append(hold, b)
 		}
 		return len(hold), nil
+	case "sleepwho":
+		// "sleep", answering with the sandbox's identity ("whoami").
+		d, _ := time.ParseDuration(req.Sleep)
+		time.Sleep(d)
+		return map[string]any{"pid": pid, "started": started.UnixNano()}, nil
 	case "whoami":
 		return map[string]any{"pid": pid, "started": started.UnixNano()}, nil
 	case "tcp":
