@@ -519,33 +519,42 @@ type rejoiner interface {
 func rejoinLoop(ctx context.Context, node rejoiner, seeds []string, interval time.Duration, log *slog.Logger) {
 	t := time.NewTicker(interval)
 	defer t.Stop()
-	dialer := &net.Dialer{Timeout: interval / 2}
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		if gatewayAlive(node.Members()) {
-			continue
-		}
-		var up []string
-		for _, s := range seeds {
-			c, err := dialer.DialContext(ctx, "tcp", s)
-			if err == nil {
-				_ = c.Close()
-				up = append(up, s)
-			}
-		}
-		if len(up) == 0 {
-			continue
-		}
-		if n, err := node.Join(up); err != nil {
-			log.Warn("rejoining the gossip cluster failed; retrying", "seeds", up, "err", err)
-		} else {
-			log.Info("rejoined the gossip cluster: no gateway was alive in this agent's view", "reached", n)
+		rejoinOnce(ctx, node, seeds, interval/2, log)
+	}
+}
+
+// rejoinOnce is one round of rejoinLoop: when no gateway is alive, join
+// through the seeds that answer a TCP dial within dialTimeout. It
+// reports whether it joined.
+func rejoinOnce(ctx context.Context, node rejoiner, seeds []string, dialTimeout time.Duration, log *slog.Logger) bool {
+	if gatewayAlive(node.Members()) {
+		return false
+	}
+	dialer := &net.Dialer{Timeout: dialTimeout}
+	var up []string
+	for _, s := range seeds {
+		c, err := dialer.DialContext(ctx, "tcp", s)
+		if err == nil {
+			_ = c.Close()
+			up = append(up, s)
 		}
 	}
+	if len(up) == 0 {
+		return false
+	}
+	n, err := node.Join(up)
+	if err != nil {
+		log.Warn("rejoining the gossip cluster failed; retrying", "seeds", up, "err", err)
+		return false
+	}
+	log.Info("rejoined the gossip cluster: no gateway was alive in this agent's view", "reached", n)
+	return true
 }
 
 // gatewayAlive reports whether members hold a gateway that is alive (or

@@ -324,21 +324,19 @@ func TestRejoinLoop(t *testing.T) {
 
 	f := &fakeRejoiner{}
 	f.setGateway(gossip.StateAlive)
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		rejoinLoop(ctx, f, []string{downAddr, up.Addr().String()}, 20*time.Millisecond, slog.New(slog.DiscardHandler))
-	}()
-	defer func() { cancel(); <-done }()
+	seeds := []string{downAddr, up.Addr().String()}
+	ctx := context.Background()
+	log := slog.New(slog.DiscardHandler)
+	round := func() bool { return rejoinOnce(ctx, f, seeds, time.Second, log) }
 
-	// A live gateway: ten intervals without a join.
-	deadline := time.Now().Add(200 * time.Millisecond)
-	for time.Now().Before(deadline) {
-		if j := f.joined(); len(j) > 0 {
-			t.Fatalf("joined %v while a gateway was alive", j)
+	// A live gateway: rounds without a join.
+	for range 10 {
+		if round() {
+			t.Fatalf("joined %v while a gateway was alive", f.joined())
 		}
-		time.Sleep(5 * time.Millisecond)
+	}
+	if j := f.joined(); len(j) > 0 {
+		t.Fatalf("joined %v while a gateway was alive", j)
 	}
 
 	// Every gateway dead: it joins through the seed that answers, and the
@@ -347,22 +345,17 @@ func TestRejoinLoop(t *testing.T) {
 	f.onJoin = func() { f.setGateway(gossip.StateAlive) }
 	f.mu.Unlock()
 	f.setGateway(gossip.StateDead)
-	deadline = time.Now().Add(5 * time.Second)
-	for len(f.joined()) == 0 {
-		if time.Now().After(deadline) {
-			t.Fatal("no rejoin 5 s after every gateway was dead")
-		}
-		time.Sleep(5 * time.Millisecond)
+	if !round() {
+		t.Fatal("no rejoin with every gateway dead")
 	}
-	if j := f.joined(); len(j[0]) != 1 || j[0][0] != up.Addr().String() {
-		t.Fatalf("rejoined through %v, want only the seed that answers (%s)", j[0], up.Addr())
+	if j := f.joined(); len(j) != 1 || len(j[0]) != 1 || j[0][0] != up.Addr().String() {
+		t.Fatalf("rejoined through %v, want once, only through the seed that answers (%s)", j, up.Addr())
 	}
 	// Alive again: no more joins.
-	deadline = time.Now().Add(200 * time.Millisecond)
-	for time.Now().Before(deadline) {
-		if j := f.joined(); len(j) != 1 {
-			t.Fatalf("joined %d times, want once: %v", len(j), j)
-		}
-		time.Sleep(5 * time.Millisecond)
+	for range 10 {
+		round()
+	}
+	if j := f.joined(); len(j) != 1 {
+		t.Fatalf("joined %d times, want once: %v", len(j), j)
 	}
 }
