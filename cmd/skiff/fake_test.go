@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"skiff.dev/skiff/internal/gatewayserver"
 	"strings"
 	"sync"
 	"testing"
@@ -305,6 +306,7 @@ type cli struct {
 	// onStdout, when set, sees stdout after every write.
 	onStdout func(string)
 	dev      func(context.Context, devConfig) error
+	gateway  func(context.Context, gatewayserver.ClusterConfig) error
 }
 
 func newCLI(t *testing.T, s *fakeServer) *cli {
@@ -334,6 +336,12 @@ func (c *cli) runCtx(ctx context.Context, args ...string) result {
 				return errors.New("no dev server in this test")
 			}
 			return c.dev(ctx, cfg)
+		},
+		gatewayRun: func(ctx context.Context, cfg gatewayserver.ClusterConfig) error {
+			if c.gateway == nil {
+				return errors.New("no gateway in this test")
+			}
+			return c.gateway(ctx, cfg)
 		},
 		streamPoll: time.Millisecond,
 	}

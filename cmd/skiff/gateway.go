@@ -65,6 +65,12 @@ func (a *app) gatewayCmd() *cobra.Command {
 			if _, _, err := net.SplitHostPort(cfg.ClusterListen); err != nil {
 				return usagef(c, "invalid --cluster-listen %q: want host:port", cfg.ClusterListen)
 			}
+			if natsURLs != "" && c.Flags().Changed("async-durability") {
+				// skiff cannot set it: acks come once a quorum of the
+				// replicas stored the event, fsynced as the servers'
+				// sync_interval says.
+				return usagef(c, "--async-durability applies to the embedded store only: with --nats, set sync_interval on the NATS servers (always: fsync before every ack)")
+			}
 			if natsURLs != "" {
 				urls, err := store.ParseURLs(natsURLs)
 				if err != nil {
@@ -139,7 +145,7 @@ func (a *app) gatewayCmd() *cobra.Command {
 	fl.StringVar(&cfg.Store.TLS.KeyFile, "nats-key", "", "client key for TLS to NATS")
 	fl.IntVar(&cfg.Store.Replicas, "nats-replicas", 0, "replicas of every stream, KV bucket and object store (default 3 with --nats)")
 	fl.StringArrayVar(&deploy, "deploy", nil, "create or update function NAME at start from a zip or a directory: NAME=ZIP|DIR (repeatable)")
-	fl.StringVar(&cfg.AsyncDurability, "async-durability", "always", "when an async event is acknowledged: always (after fsync) or interval")
+	fl.StringVar(&cfg.AsyncDurability, "async-durability", "always", "embedded store only: when an async event is acknowledged, always (after fsync) or interval; with --nats the servers' sync_interval decides")
 	fl.DurationVar(&cfg.AsyncRetryDelay, "async-retry-delay", time.Minute, "base delay before retrying a failed async event (then twice that)")
 	fl.StringVar(&logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	return c

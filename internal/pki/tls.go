@@ -52,14 +52,20 @@ func loadNode(dir string) (*node, error) {
 // the CA after it) and requires a client certificate of the cluster CA
 // (RequireAndVerifyClientCert). TLS 1.3 only; ALPN h2 and http/1.1.
 func LoadServerTLS(dir string) (*tls.Config, error) {
+	return loadServer(dir, tls.VersionTLS13, tls.RequireAndVerifyClientCert)
+}
+
+// loadServer is a server configuration presenting dir's node certificate
+// and checking client certificates against its CA as auth says.
+func loadServer(dir string, minVersion uint16, auth tls.ClientAuthType) (*tls.Config, error) {
 	n, err := loadNode(dir)
 	if err != nil {
 		return nil, err
 	}
 	return &tls.Config{
-		MinVersion:   tls.VersionTLS13,
+		MinVersion:   minVersion,
 		Certificates: []tls.Certificate{n.cert},
-		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientAuth:   auth,
 		ClientCAs:    n.pool,
 		NextProtos:   []string{"h2", "http/1.1"},
 	}, nil
@@ -72,17 +78,7 @@ func LoadServerTLS(dir string) (*tls.Config, error) {
 // against the cluster CA when given. TLS 1.2 or later; ALPN h2 and
 // http/1.1.
 func LoadPublicTLS(dir string) (*tls.Config, error) {
-	n, err := loadNode(dir)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Config{
-		MinVersion:   tls.VersionTLS12,
-		Certificates: []tls.Certificate{n.cert},
-		ClientAuth:   tls.VerifyClientCertIfGiven,
-		ClientCAs:    n.pool,
-		NextProtos:   []string{"h2", "http/1.1"},
-	}, nil
+	return loadServer(dir, tls.VersionTLS12, tls.VerifyClientCertIfGiven)
 }
 
 // LoadClientTLS returns the TLS configuration of a cluster-internal client:
