@@ -64,13 +64,34 @@ func acquire(t *testing.T, s *Service, scope string, limit int64) bool {
 // every gateway gets a fair part (a gateway refused makes the others
 // shrink at their next renewals).
 func TestExactAcrossGateways(t *testing.T) {
-	js := openJS(t)
 	const limit = 10
+	// Renewals every 100 ms: a refused gateway gets its fair part within
+	// two of them.
+	peak, admitted := saturate(t, 3, limit, Config{Expiry: 500 * time.Millisecond, Interval: 100 * time.Millisecond},
+		30, 2*time.Second, 200*time.Microsecond, time.Millisecond)
+	if peak > limit {
+		t.Fatalf("%d invocations ran at once, limit %d", peak, limit)
+	}
+	total := admitted[0] + admitted[1] + admitted[2]
+	for i, n := range admitted {
+		if n < total/10 {
+			t.Errorf("gateway %d admitted %d of %d, want at least a tenth", i, n, total)
+		}
+	}
+	t.Logf("peak %d of %d; admitted %v", peak, limit, admitted)
+}
+
+// saturate runs gateways Services on one bucket (renewing as cfg says)
+// and workers clients spread over them, each acquiring a slot of one
+// scope with the limit, holding it for hold (the invocation's work) and
+// backing off for backoff when refused, until d passed. It returns the
+// most slots held at once and the admissions per gateway.
+func saturate(t *testing.T, gateways int, limit int64, cfg Config, workers int, d, hold, backoff time.Duration) (int64, []int64) {
+	t.Helper()
+	js := openJS(t)
 	var gws []*Service
-	for i := range 3 {
-		// Renewals every 100 ms: a refused gateway gets its fair part
-		// within two of them.
-		g, err := New(context.Background(), js, fmt.Sprintf("gw-%d", i), Config{Expiry: 500 * time.Millisecond, Interval: 100 * time.Millisecond})
+	for i := range gateways {
+		g, err := New(context.Background(), js, fmt.Sprintf("gw-%d", i), cfg)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -84,15 +105,15 @@ func TestExactAcrossGateways(t *testing.T) {
 	}
 	var (
 		running, peak atomic.Int64
-		admitted      [3]atomic.Int64
+		admitted      = make([]atomic.Int64, gateways)
 		wg            sync.WaitGroup
 	)
-	deadline := time.Now().Add(2 * time.Second)
-	for w := range 30 {
+	deadline := time.Now().Add(d)
+	for w := range workers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			g := gws[w%3]
+			g := gws[w%gateways]
 			for time.Now().Before(deadline) {
 				ok, err := g.Acquire(context.Background(), "fn.f", limit)
 				if err != nil {
@@ -100,14 +121,14 @@ func TestExactAcrossGateways(t *testing.T) {
 					return
 				}
 				if !ok {
-					time.Sleep(time.Millisecond) // a throttled client backs off
+					time.Sleep(backoff) // a throttled client backs off
 					continue
 				}
 				n := running.Add(1)
 				for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
 				}
-				admitted[w%3].Add(1)
-				time.Sleep(200 * time.Microsecond) // the invocation's work
+				admitted[w%gateways].Add(1)
+				time.Sleep(hold) // the invocation's work
 				running.Add(-1)
 				g.Release("fn.f")
 			}
@@ -116,16 +137,11 @@ func TestExactAcrossGateways(t *testing.T) {
 	wg.Wait()
 	cancel()
 	bg.Wait()
-	if p := peak.Load(); p > limit {
-		t.Fatalf("%d invocations ran at once, limit %d", p, limit)
-	}
-	total := admitted[0].Load() + admitted[1].Load() + admitted[2].Load()
+	out := make([]int64, gateways)
 	for i := range admitted {
-		if n := admitted[i].Load(); n < total/10 {
-			t.Errorf("gateway %d admitted %d of %d, want at least a tenth", i, n, total)
-		}
+		out[i] = admitted[i].Load()
 	}
-	t.Logf("peak %d of %d; admitted %d / %d / %d", peak.Load(), limit, admitted[0].Load(), admitted[1].Load(), admitted[2].Load())
+	return peak.Load(), out
 }
 
 // TestDeadGatewayShareReturns: a gateway holding the whole limit dies; the
@@ -254,58 +270,11 @@ func TestConfigValidation(t *testing.T) {
 // than 2 run. A renewal that shrinks a share must not let the gateway
 // admit, while the write is in flight, beyond the share it stores.
 func TestExactSmallLimitUnderContention(t *testing.T) {
-	js := openJS(t)
 	const limit = 2
-	var gws []*Service
-	for i := range 2 {
-		g, err := New(context.Background(), js, fmt.Sprintf("gw-%d", i), Config{Expiry: 600 * time.Millisecond, Interval: 200 * time.Millisecond})
-		if err != nil {
-			t.Fatal(err)
-		}
-		gws = append(gws, g)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var bg sync.WaitGroup
-	for _, g := range gws {
-		bg.Add(1)
-		go func() { defer bg.Done(); _ = g.Run(ctx) }()
-	}
-	var (
-		running, peak atomic.Int64
-		admitted      [2]atomic.Int64
-		wg            sync.WaitGroup
-	)
-	deadline := time.Now().Add(3 * time.Second)
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			g := gws[w%2]
-			for time.Now().Before(deadline) {
-				ok, err := g.Acquire(context.Background(), "fn.small", limit)
-				if err != nil {
-					t.Error(err)
-					return
-				}
-				if !ok {
-					time.Sleep(2 * time.Millisecond)
-					continue
-				}
-				n := running.Add(1)
-				for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
-				}
-				admitted[w%2].Add(1)
-				time.Sleep(20 * time.Millisecond)
-				running.Add(-1)
-				g.Release("fn.small")
-			}
-		}()
-	}
-	wg.Wait()
-	cancel()
-	bg.Wait()
-	t.Logf("peak %d of %d; admitted %d / %d", peak.Load(), limit, admitted[0].Load(), admitted[1].Load())
-	if p := peak.Load(); p > limit {
-		t.Fatalf("%d invocations ran at once, limit %d", p, limit)
+	peak, admitted := saturate(t, 2, limit, Config{Expiry: 600 * time.Millisecond, Interval: 200 * time.Millisecond},
+		8, 3*time.Second, 20*time.Millisecond, 2*time.Millisecond)
+	t.Logf("peak %d of %d; admitted %v", peak, limit, admitted)
+	if peak > limit {
+		t.Fatalf("%d invocations ran at once, limit %d", peak, limit)
 	}
 }
