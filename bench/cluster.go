@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"encoding/base64"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	mrand "math/rand/v2"
@@ -28,6 +27,7 @@ import (
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
+	"skiff.dev/skiff/gateway/lease"
 	"skiff.dev/skiff/gateway/placement"
 	"skiff.dev/skiff/gossip"
 	"skiff.dev/skiff/netns"
@@ -586,47 +586,20 @@ func (e *clusterEnv) benchDetection(ctx context.Context, res *clusterResult) err
 	return nil
 }
 
-// leaseSlot is a lease slot as gateway/lease stores it in KV "leases".
-type leaseSlot struct {
-	Resource string `json:"resource"`
-	Slot     int    `json:"slot"`
-	Holder   string `json:"holder,omitempty"`
-	Expires  int64  `json:"expires_unix_nano,omitempty"`
-}
+// leaseSlot is a lease slot as the leasing service reads it.
+type leaseSlot = lease.Lease
 
-// heldBy reports whether the slot is held by a holder of gateway gw now.
-func (s leaseSlot) heldBy(gw string, now time.Time) bool {
-	return strings.HasPrefix(s.Holder, gw+"/") && now.UnixNano() < s.Expires
+// heldBy reports whether gateway gw holds the slot now (holders are
+// "<gateway>/<purpose>").
+func heldBy(s leaseSlot, gw string, now time.Time) bool {
+	return strings.HasPrefix(s.Holder, gw+"/") && !s.Free(now)
 }
 
 // leaseSlots reads every lease slot from the cluster's storage.
-func leaseSlots(ctx context.Context, kv jetstream.KeyValue) ([]leaseSlot, error) {
+func leaseSlots(ctx context.Context, ls *lease.Service) ([]leaseSlot, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	kl, err := kv.ListKeysFiltered(ctx, "slot.>")
-	if err != nil {
-		return nil, err
-	}
-	var keys []string
-	for k := range kl.Keys() {
-		keys = append(keys, k)
-	}
-	var out []leaseSlot
-	for _, k := range keys {
-		en, err := kv.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		var s leaseSlot
-		if err := json.Unmarshal(en.Value(), &s); err != nil {
-			return nil, fmt.Errorf("lease slot %s: %w", k, err)
-		}
-		out = append(out, s)
-	}
-	return out, nil
+	return ls.List(ctx)
 }
 
 // heldResources are the resources gw holds a slot of now.
@@ -634,7 +607,7 @@ func heldResources(slots []leaseSlot, gw string) map[string]bool {
 	now := time.Now()
 	out := map[string]bool{}
 	for _, s := range slots {
-		if s.heldBy(gw, now) {
+		if heldBy(s, gw, now) {
 			out[s.Resource] = true
 		}
 	}
@@ -670,7 +643,7 @@ func (e *clusterEnv) benchTakeover(ctx context.Context, fn *function, res *clust
 	if _, err := gw.createStreamMapping(ctx, clusterStream, "LATEST"); err != nil {
 		return err
 	}
-	kv, err := js.KeyValue(ctx, "leases")
+	kv, err := lease.New(ctx, js, lease.Config{})
 	if err != nil {
 		return err
 	}
@@ -689,7 +662,7 @@ func (e *clusterEnv) benchTakeover(ctx context.Context, fn *function, res *clust
 				if strings.HasPrefix(s.Resource, "stream:") {
 					lanes++
 				}
-				if s.heldBy("gw0", now) || s.heldBy("gw1", now) {
+				if heldBy(s, "gw0", now) || heldBy(s, "gw1", now) {
 					held++
 				}
 			}

@@ -95,8 +95,8 @@ func TestAlternate(t *testing.T) {
 }
 
 func TestHeldResources(t *testing.T) {
-	future := time.Now().Add(time.Minute).UnixNano()
-	past := time.Now().Add(-time.Second).UnixNano()
+	future := time.Now().Add(time.Minute)
+	past := time.Now().Add(-time.Second)
 	slots := []leaseSlot{
 		{Resource: "async:a", Slot: 0, Holder: "gw0/async", Expires: future},
 		{Resource: "async:a", Slot: 1, Holder: "gw1/async", Expires: future},

@@ -3,7 +3,6 @@ package e2e
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -26,6 +25,7 @@ import (
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/api/gen/skiff/v1/skiffv1connect"
+	"skiff.dev/skiff/gateway/lease"
 	"skiff.dev/skiff/internal/errs"
 	"skiff.dev/skiff/internal/pki"
 )
@@ -896,45 +896,26 @@ func testClusterPartition(t *testing.T, e *clusterEnv) {
 	t.Logf("after the heal, 9 concurrent invokes of a new function: %v", per)
 }
 
-// leaseSlot is a lease slot as gateway/lease stores it in KV "leases".
-type leaseSlot struct {
-	Resource string `json:"resource"`
-	Slot     int    `json:"slot"`
-	Holder   string `json:"holder,omitempty"`
-	Expires  int64  `json:"expires_unix_nano,omitempty"`
-}
+// leaseSlot is a lease slot as the leasing service reads it.
+type leaseSlot = lease.Lease
 
-// held reports whether the slot is held by a holder of gateway gw now.
-func (s leaseSlot) heldBy(gw string, now time.Time) bool {
-	return strings.HasPrefix(s.Holder, gw+"/") && now.UnixNano() < s.Expires
+// heldBy reports whether gateway gw holds the slot now (holders are
+// "<gateway>/<purpose>").
+func heldBy(s leaseSlot, gw string, now time.Time) bool {
+	return strings.HasPrefix(s.Holder, gw+"/") && !s.Free(now)
 }
 
 // leaseSlots reads every lease slot (by key) from the cluster's storage.
-func leaseSlots(ctx context.Context, kv jetstream.KeyValue) (map[string]leaseSlot, error) {
+func leaseSlots(ctx context.Context, ls *lease.Service) (map[string]leaseSlot, error) {
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	kl, err := kv.ListKeysFiltered(ctx, "slot.>")
+	all, err := ls.List(ctx)
 	if err != nil {
 		return nil, err
 	}
-	var keys []string
-	for k := range kl.Keys() {
-		keys = append(keys, k)
-	}
-	out := map[string]leaseSlot{}
-	for _, k := range keys {
-		en, err := kv.Get(ctx, k)
-		if errors.Is(err, jetstream.ErrKeyNotFound) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		var s leaseSlot
-		if err := json.Unmarshal(en.Value(), &s); err != nil {
-			return nil, fmt.Errorf("lease slot %s: %w", k, err)
-		}
-		out[k] = s
+	out := make(map[string]leaseSlot, len(all))
+	for _, l := range all {
+		out[l.Key()] = l
 	}
 	return out, nil
 }
@@ -948,7 +929,7 @@ func leaseSlots(ctx context.Context, kv jetstream.KeyValue) (map[string]leaseSlo
 func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 	ctx := context.Background()
 	js := natsClient(t, e.nats)
-	kv, err := js.KeyValue(ctx, "leases")
+	kv, err := lease.New(ctx, js, lease.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -985,7 +966,7 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 	count := func(gw, kind string, now time.Time) int {
 		n := 0
 		for _, s := range slots {
-			if s.heldBy(gw, now) && strings.HasPrefix(s.Resource, kind) {
+			if heldBy(s, gw, now) && strings.HasPrefix(s.Resource, kind) {
 				n++
 			}
 		}
@@ -1001,7 +982,7 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 			if strings.HasPrefix(s.Resource, "stream:") {
 				lanes++
 			}
-			if s.heldBy("gw0", now) || s.heldBy("gw1", now) {
+			if heldBy(s, "gw0", now) || heldBy(s, "gw1", now) {
 				held++
 			}
 		}
@@ -1066,7 +1047,7 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 	theirs := map[string]bool{}
 	now = time.Now()
 	for _, s := range slots {
-		if s.heldBy(victim.name, now) {
+		if heldBy(s, victim.name, now) {
 			theirs[s.Resource] = true
 		}
 	}
@@ -1083,7 +1064,7 @@ func testClusterGatewayKill(t *testing.T, e *clusterEnv) {
 		now := time.Now()
 		polled := map[string]bool{}
 		for _, s := range cur {
-			if s.heldBy(survivor.name, now) {
+			if heldBy(s, survivor.name, now) {
 				polled[s.Resource] = true
 			}
 		}
