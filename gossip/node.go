@@ -226,13 +226,45 @@ func (n *Node) Leave(timeout time.Duration) error {
 	n.metaMu.Unlock()
 	// Announce the intent first so that the others record a leave, not a
 	// failure, when the member goes.
-	if err := n.ml.UpdateNode(timeout / 2); err != nil {
+	if err := n.ml.UpdateNode(timeout / 3); err != nil {
 		n.log.Debug("leave intent still propagating", "err", err)
 	}
+	n.pushIntent(timeout / 3)
 	if err := n.ml.Leave(max(timeout-time.Since(start), time.Millisecond)); err != nil {
 		return fmt.Errorf("gossip: leaving: %w", err)
 	}
 	return nil
+}
+
+// pushIntent also hands this member's state (its leave intent) to a few
+// alive members over TCP (memberlist's push/pull exchange, which Join
+// runs): the UDP broadcast can be lost or, on a loaded host, still be
+// queued behind the leave itself, and then the others would record a
+// failure instead of a leave. It waits at most timeout.
+func (n *Node) pushIntent(timeout time.Duration) {
+	var addrs []string
+	for _, m := range n.Members() {
+		if m.Name != n.cfg.Name && m.State == StateAlive && m.Addr != "" {
+			addrs = append(addrs, m.Addr)
+			if len(addrs) == 3 {
+				break
+			}
+		}
+	}
+	if len(addrs) == 0 || timeout <= 0 {
+		return
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if _, err := n.ml.Join(addrs); err != nil {
+			n.log.Debug("pushing the leave intent", "err", err)
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+	}
 }
 
 // Shutdown stops the member without a leave message: the others detect it
