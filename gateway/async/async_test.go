@@ -384,6 +384,33 @@ func TestManyEventsAllProcessed(t *testing.T) {
 	}
 }
 
+// TestFenceCheckFailing: a poller that cannot check its lease (the store
+// does not answer) does not acknowledge, but keeps its lease and keeps
+// polling: once the check answers again the event is processed.
+func TestFenceCheckFailing(t *testing.T) {
+	s, _ := newService(t, openJS(t, ""), Config{SharedQueues: 1})
+	ctx := testCtx(t)
+	if _, err := s.PutEventConfig(ctx, "fn", &skiffv1.EventInvokeConfig{OnSuccess: "queue:ok"}); err != nil {
+		t.Fatal(err)
+	}
+	fence := &fakeFence{}
+	fence.failing.Store(true)
+	inv, dest := &fakeInvoker{}, &fakeDest{}
+	p := startPool(t, s, inv, dest, nil, fence)
+	if err := s.Accept(ctx, "fn", []byte("{}"), "rid-unchecked"); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "a failed fence check", 10*time.Second, func() bool { return fence.checks.Load() > 0 })
+	if r := dest.Records(); len(r) != 0 {
+		t.Fatalf("records %+v, want none while the lease cannot be checked", r)
+	}
+	if n := len(p.Polling()); n != 1 {
+		t.Fatalf("polling %d queues after a failed check, want 1 (the lease is still held)", n)
+	}
+	fence.failing.Store(false)
+	waitFor(t, "the event processed once the check answers", 30*time.Second, func() bool { return len(dest.Records()) == 1 })
+}
+
 // TestFencedAck: a poller whose lease is gone does not acknowledge: the
 // event stays stored, nothing is delivered and the poller stops.
 func TestFencedAck(t *testing.T) {

@@ -16,6 +16,7 @@ import (
 	"skiff.dev/skiff/gateway/destinations"
 	"skiff.dev/skiff/gateway/lease"
 	"skiff.dev/skiff/gateway/store"
+	"skiff.dev/skiff/internal/errs"
 )
 
 func testCtx(t testing.TB) context.Context {
@@ -150,16 +151,21 @@ func (q *fakeDLQ) Sent() []deadLetter {
 	return append([]deadLetter(nil), q.sent...)
 }
 
-// fakeFence holds or loses every lease.
+// fakeFence holds or loses every lease, or cannot check them (the store
+// does not answer).
 type fakeFence struct {
-	lost   atomic.Bool
-	checks atomic.Int64
+	lost    atomic.Bool
+	failing atomic.Bool
+	checks  atomic.Int64
 }
 
 func (f *fakeFence) Check(_ context.Context, l lease.Lease) error {
 	f.checks.Add(1)
 	if f.lost.Load() {
-		return errors.New("lease lost")
+		return errs.New(errs.KindFailedPrecondition, "lease lost").WithReason(lease.ReasonLost)
+	}
+	if f.failing.Load() {
+		return errs.Unavailable("reading the lease: context deadline exceeded")
 	}
 	return nil
 }

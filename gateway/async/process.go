@@ -14,6 +14,7 @@ import (
 
 	skiffv1 "skiff.dev/skiff/api/gen/skiff/v1"
 	"skiff.dev/skiff/gateway/destinations"
+	"skiff.dev/skiff/gateway/lease"
 	"skiff.dev/skiff/internal/errs"
 )
 
@@ -286,12 +287,21 @@ func (p *Pool) fenced(ctx context.Context, pl *poller) bool {
 	}
 	cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), ackTimeout)
 	defer cancel()
-	if err := p.fence.Check(cctx, pl.lease); err != nil {
+	err := p.fence.Check(cctx, pl.lease)
+	switch {
+	case err == nil:
+		return true
+	case lease.IsLost(err):
 		p.s.log.Warn("async poller lost its lease: not acknowledging", "queue", pl.subject, "lease", pl.lease.String(), "err", err)
 		p.Lost(pl.lease)
-		return false
+	default:
+		// The lease could not be checked (the store is slow or failing
+		// over): give this event back, keep polling. Stopping here would
+		// stop the poller for good, since the keeper still holds the
+		// lease and never reports it gained again.
+		p.s.log.Warn("async poller could not check its lease: not acknowledging", "queue", pl.subject, "lease", pl.lease.String(), "err", err)
 	}
-	return true
+	return false
 }
 
 func (p *Pool) ack(ctx context.Context, m jetstream.Msg, log interface{ Warn(string, ...any) }) {

@@ -2,6 +2,7 @@ package esm
 
 import (
 	"context"
+	"skiff.dev/skiff/gateway/lease"
 	"sync"
 	"time"
 
@@ -378,6 +379,13 @@ func (r *slotRunner) deleteAll(ctx context.Context, queue string, items []item) 
 		return
 	}
 	if err := r.lease.Check(ctx); err != nil {
+		if !lease.IsLost(err) {
+			// The lease could not be checked (the store is slow or failing
+			// over): leave the batch to come back after its visibility
+			// timeout and keep polling; the keeper still holds the lease.
+			r.s.log.Warn("lease not checked: not deleting the batch", "uuid", r.uuid, "slot", r.lease.Slot, "epoch", r.lease.Epoch, "err", err)
+			return
+		}
 		r.s.met.fenced.Inc()
 		r.s.log.Warn("lease lost: not deleting the batch, stopping", "uuid", r.uuid, "slot", r.lease.Slot, "epoch", r.lease.Epoch, "err", err)
 		r.s.dropSlot(r)
