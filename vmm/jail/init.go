@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -125,9 +126,21 @@ func initMain() (string, error) {
 		return "chdir /var/task", err
 	}
 	argv0 := spec.Argv[0]
-	err = syscall.Exec(argv0, spec.Argv, spec.Env)
+	// ETXTBSY: the agent unpacked the code a moment ago and a process it
+	// forked in between (another sandbox's init, before its own exec)
+	// still holds the write descriptor; it goes with that exec, within
+	// milliseconds (golang/go#22315). Retry briefly.
+	for range execBusyRetries {
+		if err = syscall.Exec(argv0, spec.Argv, spec.Env); err != syscall.ETXTBSY {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
 	return "exec " + argv0, err
 }
+
+// execBusyRetries bounds the exec retries on ETXTBSY (about 200 ms).
+const execBusyRetries = 200
 
 // recvMsg reads one JSON control message into v with exactly nfds
 // descriptors attached (received close-on-exec). End of file is
